@@ -1,0 +1,432 @@
+//! The static bootstrap file (`trellis proxy --config FILE`).
+//!
+//! Parsed once into typed structs; every error names the file, the line and the field
+//! (`upstreams[1].endpoints[0]`). Fields that later parts of Trellis will read are refused by
+//! name until they work, rather than silently ignored.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use trellis_api::duration::Duration;
+use trellis_api::names::{ServiceKey, DEFAULT_CLUSTER_DOMAIN, DEFAULT_NAMESPACE};
+
+/// A bootstrap file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file was read but a field is wrong.
+    #[error("{file}:{line}: {field}: {message}", line = line.map(|l| l.to_string()).unwrap_or_else(|| "?".into()))]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line of the offending field, when known.
+        line: Option<usize>,
+        /// Path of the field, e.g. `upstreams[0].endpoints[1]`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// How a listener treats accepted connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Detect HTTP/1, HTTP/2 (prior knowledge), TLS or opaque TCP from the first bytes.
+    #[default]
+    Auto,
+    /// HTTP/1.x only.
+    Http1,
+    /// HTTP/2 with prior knowledge only.
+    Http2,
+    /// gRPC: HTTP/2 with prior knowledge.
+    Grpc,
+    /// Opaque TCP, no detection.
+    Tcp,
+}
+
+/// The whole bootstrap file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootstrap {
+    /// This workload's service name.
+    pub service: String,
+    /// This workload's namespace.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// This workload's service account (defaults to the service name).
+    #[serde(default)]
+    pub service_account: Option<String>,
+    /// Labels of this workload (`app`, `version`, ...).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Cluster domain used in fully qualified hosts.
+    #[serde(default = "default_cluster_domain")]
+    pub cluster_domain: String,
+    /// Admin listener address.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// Inbound listeners: public port -> local app.
+    #[serde(default)]
+    pub inbound: Vec<Inbound>,
+    /// The outbound HTTP proxy listener.
+    #[serde(default)]
+    pub outbound: Outbound,
+    /// Services this workload may call.
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
+    /// Timeouts and limits shared by all listeners.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Largest request head (request line + headers) accepted, in bytes; larger gets 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Static mTLS material: not supported yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<serde_yaml_ng::Value>,
+    /// Inbound mTLS mode: not supported yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<serde_yaml_ng::Value>,
+    /// Istio resources applied locally: not supported yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<serde_yaml_ng::Value>,
+}
+
+/// One inbound listener.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inbound {
+    /// Public address of this workload.
+    pub listen: SocketAddr,
+    /// The local application.
+    pub app: SocketAddr,
+    /// Protocol handling for this port.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Time limit for the app's response headers; 504 past it. None = no limit.
+    #[serde(default)]
+    pub timeout: Option<Duration>,
+}
+
+/// The outbound HTTP proxy listener (absolute-form requests and CONNECT).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outbound {
+    /// Address to listen on; `null` disables the HTTP proxy listener.
+    #[serde(default = "default_outbound")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for Outbound {
+    fn default() -> Self {
+        Self {
+            listen: default_outbound(),
+        }
+    }
+}
+
+/// A service this workload calls.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// Service name.
+    pub service: String,
+    /// Namespace (defaults to this workload's).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Optional local port that forwards everything to this service.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Protocol handling for `listen`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Endpoint addresses (`ip:port`).
+    #[serde(default)]
+    pub endpoints: Vec<SocketAddr>,
+    /// Time limit for the response headers; 504 past it. None = no limit.
+    #[serde(default)]
+    pub timeout: Option<Duration>,
+    /// Expected peer identity (mTLS): not supported yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+/// Timeouts shared by all listeners and pools.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// TCP connect to an upstream endpoint; 504 past it.
+    #[serde(default = "default_connect")]
+    pub connect: Duration,
+    /// Idle pooled upstream connections are closed after this.
+    #[serde(default = "default_idle")]
+    pub idle: Duration,
+    /// How long protocol detection waits for the client's first bytes before treating the
+    /// connection as opaque TCP (server-speaks-first protocols).
+    #[serde(default = "default_detect")]
+    pub detect: Duration,
+    /// Time allowed for a client to send a whole HTTP/1 request head.
+    #[serde(default = "default_header_read")]
+    pub header_read: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: default_connect(),
+            idle: default_idle(),
+            detect: default_detect(),
+            header_read: default_header_read(),
+        }
+    }
+}
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_string()
+}
+fn default_cluster_domain() -> String {
+    DEFAULT_CLUSTER_DOMAIN.to_string()
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4191))
+}
+fn default_outbound() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 15001)))
+}
+fn default_connect() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_detect() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_header_read() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+
+impl Bootstrap {
+    /// Reads and validates a bootstrap file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates bootstrap text; `file` is only used in error messages.
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let boot: Bootstrap = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner.location().map(|l| l.line());
+            ConfigError::Invalid {
+                file: file.to_path_buf(),
+                line,
+                field: if field == "." { "(top)".into() } else { field },
+                message: strip_location(&inner.to_string()),
+            }
+        })?;
+        boot.validate()
+            .map_err(|(field, needle, message)| ConfigError::Invalid {
+                file: file.to_path_buf(),
+                line: find_line(text, &needle),
+                field,
+                message,
+            })?;
+        Ok(boot)
+    }
+
+    /// The service this workload runs.
+    pub fn service_key(&self) -> ServiceKey {
+        ServiceKey::new(&self.service, &self.namespace)
+    }
+
+    /// The key of an upstream, with the namespace defaulted to this workload's.
+    pub fn upstream_key(&self, u: &Upstream) -> ServiceKey {
+        ServiceKey::new(
+            &u.service,
+            u.namespace.as_deref().unwrap_or(&self.namespace),
+        )
+    }
+
+    /// Cross-field checks. Errors are (field path, text to locate the line, message).
+    fn validate(&self) -> Result<(), (String, String, String)> {
+        for (field, value) in [("identity", &self.identity), ("mtls", &self.mtls)] {
+            if value.is_some() {
+                return Err((
+                    field.into(),
+                    format!("{field}:"),
+                    "mTLS is not supported yet in this version of trellis; remove this field"
+                        .into(),
+                ));
+            }
+        }
+        if self.resources.is_some() {
+            return Err((
+                "resources".into(),
+                "resources:".into(),
+                "local Istio resources are not supported yet in this version of trellis".into(),
+            ));
+        }
+        check_name("service", &self.service)?;
+        check_name("namespace", &self.namespace)?;
+        let mut listens: BTreeMap<SocketAddr, String> = BTreeMap::new();
+        let mut claim = |addr: SocketAddr, field: String| {
+            if let Some(prev) = listens.insert(addr, field.clone()) {
+                return Err((
+                    field,
+                    addr.to_string(),
+                    format!("address {addr} is already used by {prev}"),
+                ));
+            }
+            Ok(())
+        };
+        claim(self.admin, "admin".into())?;
+        if let Some(addr) = self.outbound.listen {
+            claim(addr, "outbound.listen".into())?;
+        }
+        for (i, inb) in self.inbound.iter().enumerate() {
+            claim(inb.listen, format!("inbound[{i}].listen"))?;
+        }
+        let mut seen = BTreeMap::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            check_name(&format!("upstreams[{i}].service"), &u.service)?;
+            if let Some(ns) = &u.namespace {
+                check_name(&format!("upstreams[{i}].namespace"), ns)?;
+            }
+            if u.identity.is_some() {
+                return Err((
+                    format!("upstreams[{i}].identity"),
+                    "identity:".into(),
+                    "mTLS is not supported yet in this version of trellis; remove this field"
+                        .into(),
+                ));
+            }
+            if let Some(addr) = u.listen {
+                claim(addr, format!("upstreams[{i}].listen"))?;
+            }
+            if let Some(prev) = seen.insert(self.upstream_key(u), i) {
+                return Err((
+                    format!("upstreams[{i}].service"),
+                    format!("service: {}", u.service),
+                    format!(
+                        "service {} is declared twice (also upstreams[{prev}])",
+                        self.upstream_key(u)
+                    ),
+                ));
+            }
+        }
+        if self.max_header_bytes < 8192 {
+            return Err((
+                "max_header_bytes".into(),
+                "max_header_bytes".into(),
+                "must be at least 8192".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_name(field: &str, name: &str) -> Result<(), (String, String, String)> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err((
+            field.into(),
+            name.into(),
+            format!(
+                "{name:?} is not a valid name (lower-case letters, digits and '-', at most 63)"
+            ),
+        ))
+    }
+}
+
+/// serde_yaml appends "at line X column Y" to its messages; we print the line ourselves.
+fn strip_location(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// The first line holding `needle`, 1-based.
+fn find_line(text: &str, needle: &str) -> Option<usize> {
+    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Bootstrap, ConfigError> {
+        Bootstrap::parse(Path::new("proxy.yaml"), text)
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let b = parse("service: frontend\n").unwrap();
+        assert_eq!(b.namespace, "default");
+        assert_eq!(b.admin.port(), 4191);
+        assert_eq!(b.outbound.listen.unwrap().port(), 15001);
+        assert_eq!(b.timeouts.connect, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let text = "service: frontend\nupstreams:\n  - service: users\n    endpoints: [127.0.0.1:1, nonsense]\n";
+        let msg = parse(text).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("proxy.yaml:4: upstreams[0].endpoints[1]:"),
+            "{msg}"
+        );
+
+        let msg = parse("service: frontend\nbogus: 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("proxy.yaml:2: bogus"), "{msg}");
+        assert!(msg.contains("unknown field"), "{msg}");
+
+        let text = "service: frontend\nupstreams:\n  - service: a\n  - service: a\n";
+        let msg = parse(text).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("proxy.yaml:3: upstreams[1].service"),
+            "{msg}"
+        );
+
+        let msg = parse("service: Front_End\n").unwrap_err().to_string();
+        assert!(msg.starts_with("proxy.yaml:1: service:"), "{msg}");
+
+        let msg = parse("service: a\ntimeouts:\n  connect: soon\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("proxy.yaml:3: timeouts.connect:"), "{msg}");
+    }
+
+    #[test]
+    fn unsupported_fields_are_refused_by_name() {
+        let msg = parse("service: a\nmtls: STRICT\n").unwrap_err().to_string();
+        assert!(msg.starts_with("proxy.yaml:2: mtls:"), "{msg}");
+    }
+}

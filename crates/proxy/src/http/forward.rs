@@ -1,0 +1,359 @@
+//! Forwarding one HTTP request to an upstream service.
+//!
+//! Resolve the destination (fixed per listener, or by host on the HTTP proxy listener),
+//! apply the header rules, pick an endpoint, send over a pooled connection of the same HTTP
+//! version as the client's, and stream the response back wrapped in telemetry. `CONNECT`
+//! tunnels and HTTP/1 upgrades (WebSocket) become byte pipes once both sides agree.
+
+use super::body::{RequestBody, ResponseBody};
+use super::exchange::{Exchange, LogFields};
+use super::headers;
+use super::respond;
+use crate::telemetry::metrics::{Metrics, Peer};
+use crate::telemetry::AccessLog;
+use crate::upstream::pool::{ConnectError, EndpointConns, H1Conn};
+use crate::upstream::{Service, ServiceTable};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+use tokio_util::task::TaskTracker;
+
+/// Where a listener's requests go.
+pub enum Destination {
+    /// Always this service (inbound app, per-upstream port).
+    Fixed(Arc<Service>),
+    /// The service named by the request's host (the outbound HTTP proxy listener).
+    ByHost(Arc<ServiceTable>),
+}
+
+/// What the forwarder knows about the client connection.
+pub struct ClientConn {
+    /// Client socket address.
+    pub addr: SocketAddr,
+    /// The calling service, when known.
+    pub source: Peer,
+    /// Whether the connection is mTLS.
+    pub tls: bool,
+}
+
+/// Proxy-wide parts the forwarder uses.
+pub struct Shared {
+    /// Access log sink.
+    pub access_log: AccessLog,
+    /// Metrics (for tunnels' TCP counters).
+    pub metrics: Arc<Metrics>,
+    /// Tracks tunnels so a drain waits for them.
+    pub tracker: TaskTracker,
+}
+
+/// Forwards the requests of one listener.
+pub struct Forwarder {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// Where requests go.
+    pub destination: Destination,
+    /// Proxy-wide parts.
+    pub shared: Arc<Shared>,
+}
+
+/// Why an upstream exchange failed before a response head arrived.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("upstream {0}: {1}")]
+    Upstream(SocketAddr, hyper::Error),
+}
+
+fn authority_of<B>(req: &Request<B>) -> Option<&str> {
+    req.uri()
+        .authority()
+        .map(Authority::as_str)
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+}
+
+impl Forwarder {
+    /// Handles one request; never fails (errors become responses).
+    pub async fn serve(
+        self: Arc<Self>,
+        client: Arc<ClientConn>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, Infallible> {
+        let start = Instant::now();
+        let service = match &self.destination {
+            Destination::Fixed(s) => s.clone(),
+            Destination::ByHost(table) => {
+                let Some(host) = authority_of(&req) else {
+                    return Ok(respond::error(
+                        StatusCode::BAD_REQUEST,
+                        "no-host",
+                        "request names no host".into(),
+                        None,
+                    ));
+                };
+                match table.resolve(host) {
+                    Ok(s) => s.clone(),
+                    Err(e) => {
+                        return Ok(respond::error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "unknown-service",
+                            format!("trellis: {e}"),
+                            None,
+                        ))
+                    }
+                }
+            }
+        };
+        if req.method() == Method::CONNECT {
+            return Ok(self.tunnel(service, req).await);
+        }
+        Ok(self.forward(service, client, req, start).await)
+    }
+
+    async fn forward(
+        &self,
+        service: Arc<Service>,
+        client: Arc<ClientConn>,
+        mut req: Request<Incoming>,
+        start: Instant,
+    ) -> Response<ResponseBody> {
+        let request_id = headers::ensure_request_id(req.headers_mut());
+        let upgrade = req.version() < Version::HTTP_2 && headers::is_upgrade(req.headers());
+        let downstream_version = req.version();
+        let authority = authority_of(&req).map(str::to_string);
+        let endpoint = service.pick().cloned();
+
+        let mut exchange = Box::new(Exchange {
+            stats: service.stats.clone(),
+            source: client.source.clone(),
+            tls: client.tls,
+            start,
+            status: 0,
+            grpc_status: None,
+            bytes_out: 0,
+            bytes_in: None,
+            log: None,
+        });
+        if self.shared.access_log.enabled() {
+            exchange.log = Some(Box::new(LogFields {
+                log: self.shared.access_log.clone(),
+                ts: SystemTime::now(),
+                source: if client.source.service.as_ref() == crate::telemetry::metrics::UNKNOWN {
+                    client.addr.to_string()
+                } else {
+                    format!("{}.{}", client.source.service, client.source.namespace)
+                },
+                method: req.method().to_string(),
+                authority: authority.clone().unwrap_or_default(),
+                path: req
+                    .uri()
+                    .path_and_query()
+                    .map_or_else(|| "/".into(), |p| p.to_string()),
+                request_id: request_id.to_str().unwrap_or_default().to_string(),
+                trace_id: headers::trace_id(req.headers())
+                    .unwrap_or_default()
+                    .to_string(),
+                upstream: endpoint
+                    .as_ref()
+                    .map(|e| e.addr().to_string())
+                    .unwrap_or_default(),
+            }));
+        }
+
+        let Some(endpoint) = endpoint else {
+            return respond::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no-endpoints",
+                format!("trellis: service {} has no endpoints", service.key),
+                Some(exchange),
+            );
+        };
+
+        let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+        let h2 = downstream_version == Version::HTTP_2;
+        if let Err(msg) = set_upstream_target(&mut req, authority.as_deref(), endpoint.addr(), h2) {
+            return respond::error(StatusCode::BAD_REQUEST, "bad-target", msg, Some(exchange));
+        }
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        exchange.bytes_in = Some(bytes_in.clone());
+        let req = req.map(|b| RequestBody::new(b, bytes_in));
+
+        let sent = send(&endpoint, req, h2);
+        let result = match service.timeout {
+            Some(t) => match tokio::time::timeout(t, sent).await {
+                Ok(r) => r,
+                Err(_) => {
+                    return respond::error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream-timeout",
+                        format!(
+                            "trellis: service {} did not answer within {:?}",
+                            service.key, t
+                        ),
+                        Some(exchange),
+                    )
+                }
+            },
+            None => sent.await,
+        };
+        let (mut resp, pooled) = match result {
+            Ok(r) => r,
+            Err(e) => return upstream_error(&service, e, Some(exchange)),
+        };
+
+        let status = resp.status();
+        exchange.status = status.as_u16();
+        exchange.grpc_status = headers::grpc_status(resp.headers());
+        let pooled = if status == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(on_client) = on_client_upgrade {
+                let on_upstream = hyper::upgrade::on(&mut resp);
+                self.shared.tracker.spawn(async move {
+                    let (client, upstream) = tokio::join!(on_client, on_upstream);
+                    if let (Ok(c), Ok(u)) = (client, upstream) {
+                        let _ = tokio::io::copy_bidirectional(
+                            &mut TokioIo::new(c),
+                            &mut TokioIo::new(u),
+                        )
+                        .await;
+                    }
+                });
+            }
+            None // the connection now belongs to the upgrade
+        } else {
+            headers::strip_hop_by_hop(resp.headers_mut(), false);
+            pooled
+        };
+        if status != StatusCode::SWITCHING_PROTOCOLS {
+            *resp.version_mut() = downstream_version;
+        }
+        resp.map(|b| ResponseBody::upstream(b, Some(exchange), pooled))
+    }
+
+    /// `CONNECT host:port`: answer 200, then pipe bytes to an endpoint of the service.
+    async fn tunnel(
+        &self,
+        service: Arc<Service>,
+        mut req: Request<Incoming>,
+    ) -> Response<ResponseBody> {
+        let Some(endpoint) = service.pick().cloned() else {
+            return respond::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no-endpoints",
+                format!("trellis: service {} has no endpoints", service.key),
+                None,
+            );
+        };
+        let mut upstream = match endpoint.connect_tcp().await {
+            Ok(s) => s,
+            Err(e) => return upstream_error(&service, SendError::Connect(e), None),
+        };
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let metrics = self.shared.metrics.clone();
+        let peer = service.peer.service.clone();
+        self.shared.tracker.spawn(async move {
+            let _conn = metrics.tcp_open("outbound", &peer);
+            if let Ok(client) = on_upgrade.await {
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut upstream).await;
+            }
+        });
+        Response::new(ResponseBody::empty())
+    }
+}
+
+/// Rewrites the request target for the upstream hop: origin-form plus `Host` for HTTP/1,
+/// an absolute URI (authority kept) for HTTP/2.
+fn set_upstream_target<B>(
+    req: &mut Request<B>,
+    authority: Option<&str>,
+    endpoint: SocketAddr,
+    h2: bool,
+) -> Result<(), String> {
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let authority = authority.map_or_else(|| endpoint.to_string(), str::to_string);
+    if h2 {
+        let uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(authority.as_str())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| format!("trellis: invalid request target: {e}"))?;
+        *req.uri_mut() = uri;
+        req.headers_mut().remove(header::HOST);
+    } else {
+        let absolute = req.uri().authority().is_some();
+        *req.uri_mut() = Uri::from(path);
+        if absolute || !req.headers().contains_key(header::HOST) {
+            let host = HeaderValue::from_str(&authority)
+                .map_err(|_| "trellis: invalid host".to_string())?;
+            req.headers_mut().insert(header::HOST, host);
+        }
+        *req.version_mut() = Version::HTTP_11;
+    }
+    Ok(())
+}
+
+/// Sends on a pooled connection. A reused HTTP/1 connection that the peer closed before
+/// our request went out is replaced by a fresh one, once.
+async fn send(
+    endpoint: &Arc<EndpointConns>,
+    req: Request<RequestBody>,
+    h2: bool,
+) -> Result<(Response<Incoming>, Option<H1Conn>), SendError> {
+    let addr = endpoint.addr();
+    if h2 {
+        let mut tx = endpoint.h2().await?;
+        let resp = tx
+            .send_request(req)
+            .await
+            .map_err(|e| SendError::Upstream(addr, e))?;
+        return Ok((resp, None));
+    }
+    let mut conn = endpoint.h1().await?;
+    match conn.tx.try_send_request(req).await {
+        Ok(resp) => Ok((resp, Some(conn))),
+        Err(mut e) => match e.take_message() {
+            Some(req) if conn.reused => {
+                let mut fresh = endpoint.h1_new().await?;
+                let resp = fresh
+                    .tx
+                    .send_request(req)
+                    .await
+                    .map_err(|e| SendError::Upstream(addr, e))?;
+                Ok((resp, Some(fresh)))
+            }
+            _ => Err(SendError::Upstream(addr, e.into_error())),
+        },
+    }
+}
+
+fn upstream_error(
+    service: &Service,
+    err: SendError,
+    exchange: Option<Box<Exchange>>,
+) -> Response<ResponseBody> {
+    let (status, reason) = match &err {
+        SendError::Connect(ConnectError::Timeout(_)) => {
+            (StatusCode::GATEWAY_TIMEOUT, "connect-timeout")
+        }
+        SendError::Connect(_) => (StatusCode::SERVICE_UNAVAILABLE, "connect-failed"),
+        SendError::Upstream(..) => (StatusCode::BAD_GATEWAY, "upstream-reset"),
+    };
+    respond::error(
+        status,
+        reason,
+        format!("trellis: service {}: {err}", service.key),
+        exchange,
+    )
+}

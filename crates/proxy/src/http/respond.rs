@@ -1,0 +1,32 @@
+//! Responses the proxy makes itself (errors), always with a body saying why.
+
+use super::body::ResponseBody;
+use super::exchange::Exchange;
+use http::{header, HeaderValue, Response, StatusCode};
+
+/// Header naming which part of the proxy produced an error response.
+pub const PROXY_ERROR_HEADER: &str = "x-trellis-error";
+
+/// A plain-text response from the proxy, recorded in the exchange's telemetry when given.
+pub fn error(
+    status: StatusCode,
+    reason: &'static str,
+    message: String,
+    exchange: Option<Box<Exchange>>,
+) -> Response<ResponseBody> {
+    let exchange = exchange.map(|mut ex| {
+        ex.status = status.as_u16();
+        ex
+    });
+    let mut body = message.into_bytes();
+    body.push(b'\n');
+    let mut resp = Response::new(ResponseBody::full(body, exchange));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(reason));
+    resp
+}

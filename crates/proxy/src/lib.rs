@@ -1,0 +1,257 @@
+//! The Trellis data-plane proxy.
+//!
+//! A connection's path through this crate (see DESIGN.md "The request path"):
+//! [`listener`] accepts, [`detect`] reads the first bytes, then [`http`] (server side, then
+//! [`http::forward`] to an [`upstream`] service over a pooled connection) or [`tcp`] (opaque
+//! bytes). [`telemetry`] wraps every exchange; [`admin`] reports on all of it.
+
+pub mod admin;
+pub mod config;
+pub mod detect;
+pub mod http;
+pub mod io;
+pub mod listener;
+pub mod tcp;
+pub mod telemetry;
+pub mod upstream;
+
+use admin::AdminState;
+use config::Bootstrap;
+use http::forward::{Destination, Forwarder, Shared};
+use http::ServerConfig;
+use listener::{Context, Listener};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use telemetry::metrics::Peer;
+use telemetry::{AccessLog, Metrics};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use upstream::pool::{Pool, PoolConfig};
+use upstream::{Service, ServiceTable};
+
+/// Failures that stop the proxy from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// A listener address could not be bound.
+    #[error("cannot listen on {addr} ({field}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The config field that named it.
+        field: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Options from the command line rather than the bootstrap file.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Write the JSON access log to stdout.
+    pub access_log: bool,
+    /// Longest a drain waits for in-flight work before exiting.
+    pub drain_timeout: Duration,
+    /// Metric series idle this long are dropped.
+    pub metrics_retention: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            access_log: false,
+            drain_timeout: Duration::from_secs(30),
+            metrics_retention: Duration::from_secs(600),
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr, field: &str) -> Result<TcpListener, ProxyError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ProxyError::Bind {
+            addr,
+            field: field.to_string(),
+            source,
+        })
+}
+
+/// Runs the proxy until SIGTERM, SIGINT or `POST /shutdown`, then drains and returns.
+pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigterm = signal(SignalKind::terminate()).map_err(ProxyError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(ProxyError::Signals)?;
+
+    let metrics = Arc::new(Metrics::new());
+    let pool = Pool::new(PoolConfig {
+        connect_timeout: boot.timeouts.connect.0,
+        idle_timeout: boot.timeouts.idle.0,
+    });
+    tokio::spawn(pool.clone().reap());
+    tokio::spawn(sweep_metrics(metrics.clone(), opts.metrics_retention));
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let shared = Arc::new(Shared {
+        access_log: if opts.access_log {
+            AccessLog::json_stdout()
+        } else {
+            AccessLog::disabled()
+        },
+        metrics: metrics.clone(),
+        tracker: tracker.clone(),
+    });
+    let ctx = Arc::new(Context {
+        metrics: metrics.clone(),
+        server: ServerConfig {
+            max_header_bytes: boot.max_header_bytes,
+            header_read_timeout: boot.timeouts.header_read.0,
+        },
+        detect_timeout: boot.timeouts.detect.0,
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+    });
+
+    let me = boot.service_key();
+    let my_peer = Peer::new(&me.name, &me.namespace);
+    let mut listeners: Vec<(TcpListener, Arc<Listener>)> = Vec::new();
+
+    // Inbound: every public port forwards to its local app, as this workload's service.
+    let inbound_stats = metrics.http_stats("inbound", my_peer.clone());
+    for (i, inb) in boot.inbound.iter().enumerate() {
+        let field = format!("inbound[{i}].listen");
+        let app = Arc::new(Service::new(
+            me.clone(),
+            vec![pool.endpoint(inb.app)],
+            inb.timeout.map(|d| d.0),
+            inbound_stats.clone(),
+        ));
+        let l = Listener {
+            name: field.clone(),
+            direction: "inbound",
+            protocol: inb.protocol,
+            forwarder: Arc::new(Forwarder {
+                direction: "inbound",
+                destination: Destination::Fixed(app.clone()),
+                shared: shared.clone(),
+            }),
+            tcp_target: Some(app),
+            source: Peer::unknown(),
+            peer_label: Arc::from(telemetry::metrics::UNKNOWN),
+        };
+        listeners.push((bind(inb.listen, &field).await?, Arc::new(l)));
+    }
+
+    // Outbound: every upstream service, reachable by host through the HTTP proxy listener
+    // and, when it has one, through its own local port.
+    let mut services = Vec::new();
+    for (i, u) in boot.upstreams.iter().enumerate() {
+        let key = boot.upstream_key(u);
+        let peer = Peer::new(&key.name, &key.namespace);
+        let svc = Arc::new(Service::new(
+            key,
+            u.endpoints.iter().map(|a| pool.endpoint(*a)).collect(),
+            u.timeout.map(|d| d.0),
+            metrics.http_stats("outbound", peer.clone()),
+        ));
+        if let Some(addr) = u.listen {
+            let field = format!("upstreams[{i}].listen");
+            let l = Listener {
+                name: field.clone(),
+                direction: "outbound",
+                protocol: u.protocol,
+                forwarder: Arc::new(Forwarder {
+                    direction: "outbound",
+                    destination: Destination::Fixed(svc.clone()),
+                    shared: shared.clone(),
+                }),
+                tcp_target: Some(svc.clone()),
+                source: my_peer.clone(),
+                peer_label: peer.service.clone(),
+            };
+            listeners.push((bind(addr, &field).await?, Arc::new(l)));
+        }
+        services.push(svc);
+    }
+    if let Some(addr) = boot.outbound.listen {
+        let table = Arc::new(ServiceTable::new(
+            services,
+            &me.namespace,
+            &boot.cluster_domain,
+        ));
+        let l = Listener {
+            name: "outbound.listen".into(),
+            direction: "outbound",
+            protocol: config::Protocol::Auto,
+            forwarder: Arc::new(Forwarder {
+                direction: "outbound",
+                destination: Destination::ByHost(table),
+                shared: shared.clone(),
+            }),
+            tcp_target: None,
+            source: my_peer.clone(),
+            peer_label: Arc::from(telemetry::metrics::UNKNOWN),
+        };
+        listeners.push((bind(addr, "outbound.listen").await?, Arc::new(l)));
+    }
+
+    let admin_listener = bind(boot.admin, "admin").await?;
+    let state = Arc::new(AdminState {
+        metrics: metrics.clone(),
+        ready: Default::default(),
+        draining: Default::default(),
+        config_json: serde_json::to_string_pretty(&boot).unwrap_or_default(),
+        shutdown_requested: CancellationToken::new(),
+    });
+    tokio::spawn(admin::serve(admin_listener, state.clone()));
+
+    let mut accept_loops = Vec::new();
+    for (tcp, l) in listeners {
+        tracing::info!(listener = %l.name, addr = ?tcp.local_addr().ok(), "listening");
+        accept_loops.push(tokio::spawn(listener::accept_loop(tcp, l, ctx.clone())));
+    }
+    state.ready.store(true, Ordering::Release);
+    tracing::info!(service = %me, "proxy ready");
+
+    let why = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+        _ = state.shutdown_requested.cancelled() => "POST /shutdown",
+    };
+    tracing::info!(reason = why, deadline = ?opts.drain_timeout, "draining");
+    state.draining.store(true, Ordering::Release);
+    shutdown.cancel();
+    for l in accept_loops {
+        let _ = l.await;
+    }
+    tracker.close();
+    if tokio::time::timeout(opts.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tracker.len(),
+            "drain deadline reached; closing remaining connections"
+        );
+    } else {
+        tracing::info!("drained");
+    }
+    Ok(())
+}
+
+async fn sweep_metrics(metrics: Arc<Metrics>, retention: Duration) {
+    let period = (retention / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let dropped = metrics.sweep(retention);
+        if dropped > 0 {
+            tracing::debug!(dropped, "dropped idle metric series");
+        }
+    }
+}

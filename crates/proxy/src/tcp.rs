@@ -1,0 +1,27 @@
+//! Opaque TCP forwarding: bytes both ways, half-close passed on.
+
+use crate::upstream::Service;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Pipes `client` to an endpoint of `service` until both directions have closed. When one
+/// side finishes sending, the other side's write half is shut down (half-close), so
+/// request/response protocols that signal "done" with a FIN keep working.
+pub async fn forward<I>(mut client: I, service: &Service)
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(endpoint) = service.pick() else {
+        tracing::info!(service = %service.key, "TCP connection closed: service has no endpoints");
+        return;
+    };
+    let mut upstream = match endpoint.connect_tcp().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(service = %service.key, error = %e, "TCP connection closed: upstream unreachable");
+            return;
+        }
+    };
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(service = %service.key, error = %e, "TCP forward ended with an error");
+    }
+}

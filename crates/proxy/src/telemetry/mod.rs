@@ -1,0 +1,10 @@
+//! Telemetry wrapped around every exchange: Prometheus metrics, the JSON access log and
+//! process metrics.
+
+pub mod access_log;
+pub mod metrics;
+mod process;
+pub(crate) mod time;
+
+pub use access_log::AccessLog;
+pub use metrics::Metrics;

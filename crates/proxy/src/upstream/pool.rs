@@ -1,0 +1,275 @@
+//! Connections to upstream endpoints, kept for reuse.
+//!
+//! Each endpoint address has one [`EndpointConns`]: a stack of idle HTTP/1 connections (the
+//! most recently used first, so few stay warm) and one shared HTTP/2 connection multiplexing
+//! every stream. A reaper closes connections idle longer than the idle timeout. Opaque TCP
+//! connects go through [`EndpointConns::connect_tcp`] for the same connect timeout.
+
+use crate::http::body::RequestBody;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// Why no connection to an endpoint could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The TCP connect did not finish within the connect timeout.
+    #[error("connect to {0} timed out")]
+    Timeout(SocketAddr),
+    /// The TCP connect failed (refused, unreachable, ...).
+    #[error("connect to {addr}: {source}")]
+    Io {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The HTTP handshake failed.
+    #[error("HTTP handshake with {addr}: {source}")]
+    Handshake {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// Why.
+        source: hyper::Error,
+    },
+}
+
+/// Pool settings.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle connections are closed after this.
+    pub idle_timeout: Duration,
+}
+
+/// All endpoints' connections. One per proxy.
+pub struct Pool {
+    cfg: Arc<PoolConfig>,
+    endpoints: Mutex<HashMap<SocketAddr, Weak<EndpointConns>>>,
+}
+
+impl Pool {
+    /// An empty pool.
+    pub fn new(cfg: PoolConfig) -> Arc<Self> {
+        Arc::new(Self {
+            cfg: Arc::new(cfg),
+            endpoints: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The connections of `addr`, shared by every service that lists it.
+    pub fn endpoint(&self, addr: SocketAddr) -> Arc<EndpointConns> {
+        let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ep) = map.get(&addr).and_then(Weak::upgrade) {
+            return ep;
+        }
+        let ep = Arc::new(EndpointConns {
+            addr,
+            cfg: self.cfg.clone(),
+            h1_idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+        });
+        map.insert(addr, Arc::downgrade(&ep));
+        ep
+    }
+
+    /// Closes idle connections past the idle timeout, forever. Spawn once.
+    pub async fn reap(self: Arc<Self>) {
+        let period =
+            (self.cfg.idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            let live: Vec<Arc<EndpointConns>> = {
+                let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+                map.retain(|_, w| w.strong_count() > 0);
+                map.values().filter_map(Weak::upgrade).collect()
+            };
+            for ep in live {
+                ep.close_idle();
+            }
+        }
+    }
+}
+
+struct IdleH1 {
+    tx: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+struct SharedH2 {
+    tx: http2::SendRequest<RequestBody>,
+    last_used: Instant,
+}
+
+/// The pooled connections of one endpoint address.
+pub struct EndpointConns {
+    addr: SocketAddr,
+    cfg: Arc<PoolConfig>,
+    h1_idle: Mutex<Vec<IdleH1>>,
+    h2: Mutex<Option<SharedH2>>,
+    /// Held while dialing a new HTTP/2 connection so concurrent requests share one.
+    h2_connecting: tokio::sync::Mutex<()>,
+}
+
+/// An HTTP/1 connection checked out of the pool. Hand it back with [`H1Conn::release`] once
+/// its response has been read to the end; dropping it closes the connection.
+pub struct H1Conn {
+    /// The request sender.
+    pub tx: http1::SendRequest<RequestBody>,
+    /// Whether it came from the idle stack (and so may have been closed by the peer).
+    pub reused: bool,
+    endpoint: Arc<EndpointConns>,
+}
+
+impl H1Conn {
+    /// Returns the connection to its endpoint's idle stack.
+    pub fn release(self) {
+        if self.tx.is_closed() {
+            return;
+        }
+        let mut idle = self
+            .endpoint
+            .h1_idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        idle.push(IdleH1 {
+            tx: self.tx,
+            since: Instant::now(),
+        });
+    }
+}
+
+impl EndpointConns {
+    /// The endpoint's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A new TCP connection, within the connect timeout.
+    pub async fn connect_tcp(&self) -> Result<TcpStream, ConnectError> {
+        let addr = self.addr;
+        match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr)).await {
+            Err(_) => Err(ConnectError::Timeout(addr)),
+            Ok(Err(source)) => Err(ConnectError::Io { addr, source }),
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+        }
+    }
+
+    /// An HTTP/1 connection: an idle one if any is still usable, else a new one.
+    pub async fn h1(self: &Arc<Self>) -> Result<H1Conn, ConnectError> {
+        loop {
+            let popped = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let Some(mut idle) = popped else { break };
+            if idle.tx.is_closed() || idle.since.elapsed() >= self.cfg.idle_timeout {
+                continue;
+            }
+            if idle.tx.ready().await.is_ok() {
+                return Ok(H1Conn {
+                    tx: idle.tx,
+                    reused: true,
+                    endpoint: self.clone(),
+                });
+            }
+        }
+        self.h1_new().await
+    }
+
+    /// A new HTTP/1 connection (with upgrades enabled), bypassing the idle stack.
+    pub async fn h1_new(self: &Arc<Self>) -> Result<H1Conn, ConnectError> {
+        let tcp = self.connect_tcp().await?;
+        let (tx, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|source| ConnectError::Handshake {
+                addr: self.addr,
+                source,
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
+            }
+        });
+        Ok(H1Conn {
+            tx,
+            reused: false,
+            endpoint: self.clone(),
+        })
+    }
+
+    /// The shared HTTP/2 connection, dialed on first use or after it closed.
+    pub async fn h2(&self) -> Result<http2::SendRequest<RequestBody>, ConnectError> {
+        if let Some(tx) = self.live_h2() {
+            return Ok(tx);
+        }
+        let _dialing = self.h2_connecting.lock().await;
+        if let Some(tx) = self.live_h2() {
+            return Ok(tx);
+        }
+        let tcp = self.connect_tcp().await?;
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|source| ConnectError::Handshake {
+                addr: self.addr,
+                source,
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(SharedH2 {
+            tx: tx.clone(),
+            last_used: Instant::now(),
+        });
+        Ok(tx)
+    }
+
+    fn live_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
+        let mut slot = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_mut() {
+            Some(h2) if !h2.tx.is_closed() => {
+                h2.last_used = Instant::now();
+                Some(h2.tx.clone())
+            }
+            _ => {
+                *slot = None;
+                None
+            }
+        }
+    }
+
+    fn close_idle(&self) {
+        let idle_timeout = self.cfg.idle_timeout;
+        self.h1_idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|c| !c.tx.is_closed() && c.since.elapsed() < idle_timeout);
+        let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        if h2
+            .as_ref()
+            .is_some_and(|c| c.tx.is_closed() || c.last_used.elapsed() >= idle_timeout)
+        {
+            *h2 = None;
+        }
+    }
+
+    /// Idle HTTP/1 connections held right now (for tests and `/config`).
+    pub fn idle_h1(&self) -> usize {
+        self.h1_idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}

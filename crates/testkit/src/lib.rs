@@ -1,0 +1,7 @@
+//! Test harness for Trellis end-to-end tests: origin servers, small clients and readiness
+//! polling, all on loopback with ephemeral ports.
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod origin;
+pub mod wait;
