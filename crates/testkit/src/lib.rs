@@ -4,4 +4,5 @@
 
 pub mod client;
 pub mod origin;
+pub mod proxy;
 pub mod wait;

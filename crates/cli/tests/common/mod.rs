@@ -1,0 +1,87 @@
+//! Shared pieces of the end-to-end tests: the binary's path and small clients.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::net::SocketAddr;
+pub use trellis_testkit::proxy::{free_addr, sample, Trellis};
+
+/// The `trellis` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_trellis");
+
+/// Starts a proxy from `yaml` with `extra` flags and waits until it is ready.
+pub async fn proxy(yaml: &str, admin: SocketAddr, extra: &[&str]) -> Trellis {
+    Trellis::start(BIN, yaml, admin, extra).await
+}
+
+/// Sends requests over one HTTP/2 prior-knowledge connection.
+pub struct H2 {
+    tx: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+}
+
+impl H2 {
+    /// Connects with the HTTP/2 preface (h2c).
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (tx, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        Self { tx }
+    }
+
+    /// One request: (status, headers, body).
+    pub async fn request(
+        &mut self,
+        method: &str,
+        uri: &str,
+        body: &'static [u8],
+    ) -> (u16, http::HeaderMap, Bytes) {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Full::new(Bytes::from_static(body)))
+            .expect("request");
+        let resp = self.tx.send_request(req).await.expect("h2 response");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("h2 body").to_bytes();
+        (parts.status.as_u16(), parts.headers, body)
+    }
+}
+
+/// Runs `curl` with `args` and `env` off the async threads; returns (exit code, stdout).
+/// Panics if curl is missing: the test command installs it.
+pub async fn curl_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10"])
+            .args(&args)
+            .envs(env)
+            .output()
+            .expect("curl must be installed (bash .ci/run installs it)");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    })
+    .await
+    .expect("curl task")
+}
+
+/// Runs `curl` with `args`; returns (exit code, stdout).
+pub async fn curl(args: &[&str]) -> (i32, String) {
+    curl_env(args, &[]).await
+}
+
+/// Parses the JSON of the origin's `/echo`.
+pub fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
