@@ -234,11 +234,16 @@ impl Bootstrap {
             let field = e.path().to_string();
             let inner = e.into_inner();
             let line = inner.location().map(|l| l.line());
+            // serde_yaml_ng prefixes its own message with the path; we print ours once.
+            let message = strip_location(&inner.to_string());
+            let message = message
+                .strip_prefix(&format!("{field}: "))
+                .map_or(message.clone(), str::to_string);
             ConfigError::Invalid {
                 file: file.to_path_buf(),
                 line,
                 field: if field == "." { "(top)".into() } else { field },
-                message: strip_location(&inner.to_string()),
+                message,
             }
         })?;
         boot.validate()

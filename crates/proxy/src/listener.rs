@@ -77,14 +77,21 @@ async fn handle(stream: TcpStream, addr: SocketAddr, l: Arc<Listener>, ctx: Arc<
         Protocol::Http1 => (Detected::Http1, Bytes::new()),
         Protocol::Http2 | Protocol::Grpc => (Detected::Http2, Bytes::new()),
         Protocol::Tcp => (Detected::Opaque, Bytes::new()),
-        Protocol::Auto => match detect::detect(&mut io, ctx.detect_timeout).await {
-            Ok(Some(d)) => d,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::debug!(error = %e, "read failed during detection");
-                return;
+        Protocol::Auto => {
+            // A client still silent when the drain starts has nothing in flight: close it.
+            let detected = tokio::select! {
+                d = detect::detect(&mut io, ctx.detect_timeout) => d,
+                _ = ctx.shutdown.cancelled() => return,
+            };
+            match detected {
+                Ok(Some(d)) => d,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "read failed during detection");
+                    return;
+                }
             }
-        },
+        }
     };
     let io = PrefixedIo::new(prefix, io);
     match detected {

@@ -1,5 +1,5 @@
 //! Shared pieces of the end-to-end tests: the binary's path and small clients.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -15,7 +15,8 @@ pub async fn proxy(yaml: &str, admin: SocketAddr, extra: &[&str]) -> Trellis {
     Trellis::start(BIN, yaml, admin, extra).await
 }
 
-/// Sends requests over one HTTP/2 prior-knowledge connection.
+/// Sends requests over one HTTP/2 prior-knowledge connection (clones share it).
+#[derive(Clone)]
 pub struct H2 {
     tx: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
 }
@@ -34,7 +35,7 @@ impl H2 {
 
     /// One request: (status, headers, body).
     pub async fn request(
-        &mut self,
+        &self,
         method: &str,
         uri: &str,
         body: &'static [u8],
@@ -44,7 +45,12 @@ impl H2 {
             .uri(uri)
             .body(Full::new(Bytes::from_static(body)))
             .expect("request");
-        let resp = self.tx.send_request(req).await.expect("h2 response");
+        let resp = self
+            .tx
+            .clone()
+            .send_request(req)
+            .await
+            .expect("h2 response");
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.expect("h2 body").to_bytes();
         (parts.status.as_u16(), parts.headers, body)

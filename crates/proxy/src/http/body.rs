@@ -112,7 +112,7 @@ impl ResponseBody {
 
     fn complete(&mut self, clean: bool) {
         if let Some(ex) = self.exchange.take() {
-            ex.finish();
+            (*ex).finish();
         }
         if let Some(conn) = self.pooled.take() {
             if clean {

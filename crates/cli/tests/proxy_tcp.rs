@@ -1,0 +1,159 @@
+//! Opaque TCP through the real `trellis` binary: half-close, server-speaks-first, CONNECT.
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use trellis_testkit::origin::tcp::{BannerOrigin, TcpEchoOrigin, BANNER};
+
+async fn setup(
+    protocol: &str,
+) -> (
+    Trellis,
+    TcpEchoOrigin,
+    BannerOrigin,
+    [std::net::SocketAddr; 4],
+) {
+    let echo = TcpEchoOrigin::start().await.unwrap();
+    let banner = BannerOrigin::start().await.unwrap();
+    let (admin, inbound, echo_port, banner_port) =
+        (free_addr(), free_addr(), free_addr(), free_addr());
+    let outbound = free_addr();
+    let yaml = format!(
+        "service: ledger\nadmin: {admin}\n\
+         inbound:\n  - listen: {inbound}\n    app: {e}\n    protocol: {protocol}\n\
+         outbound: {{ listen: {outbound} }}\n\
+         upstreams:\n\
+         \x20 - service: echo\n    listen: {echo_port}\n    protocol: {protocol}\n    endpoints: [{e}]\n\
+         \x20 - service: smtp\n    listen: {banner_port}\n    protocol: {protocol}\n    endpoints: [{b}]\n",
+        e = echo.addr(),
+        b = banner.addr(),
+    );
+    let p = proxy(&yaml, admin, &[]).await;
+    (p, echo, banner, [inbound, echo_port, banner_port, outbound])
+}
+
+async fn half_close_echo(addr: std::net::SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(payload).await.unwrap();
+    s.shutdown().await.unwrap(); // half-close: we are done sending, still reading
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .expect("echo within 10s")
+        .unwrap();
+    got
+}
+
+#[tokio::test]
+async fn tcp_echo_with_half_close_detected_and_forced() {
+    for protocol in ["auto", "tcp"] {
+        let (p, _e, _b, [inbound, echo_port, _, _]) = setup(protocol).await;
+        // Binary payload that is clearly not HTTP, and a large one.
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(
+            half_close_echo(echo_port, &payload).await,
+            payload,
+            "{protocol}"
+        );
+        assert_eq!(
+            half_close_echo(inbound, b"\x00\x01ping").await,
+            b"\x00\x01ping",
+            "{protocol}"
+        );
+        let text = p.metrics().await;
+        let bytes = sample(
+            &text,
+            "trellis_tcp_bytes_total",
+            &[("direction", "outbound"), ("peer_service", "echo")],
+        )
+        .unwrap();
+        assert_eq!(bytes, 400_000.0, "{protocol}: {text}");
+        // The gauge returns to zero once connections close.
+        trellis_testkit::wait::wait_for("connections closed", Duration::from_secs(5), || {
+            let p = &p;
+            async move {
+                sample(
+                    &p.metrics().await,
+                    "trellis_tcp_connections_open",
+                    &[("direction", "outbound"), ("peer_service", "echo")],
+                ) == Some(0.0)
+            }
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn server_speaks_first_protocol_works() {
+    let (_p, _e, _b, [_, _, banner_port, _]) = setup("auto").await;
+    let started = Instant::now();
+    let s = TcpStream::connect(banner_port).await.unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line))
+        .await
+        .expect("banner arrives although the client sent nothing")
+        .unwrap();
+    assert_eq!(line, BANNER);
+    // The banner waits only for the bounded detection timeout (500 ms default).
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    r.get_mut().write_all(b"EHLO mesh\r\n").await.unwrap();
+    line.clear();
+    r.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "echo: EHLO mesh\r\n");
+}
+
+#[tokio::test]
+async fn connect_tunnel_through_the_http_proxy_listener() {
+    let (_p, _e, _b, [_, _, _, outbound]) = setup("auto").await;
+    let mut s = TcpStream::connect(outbound).await.unwrap();
+    s.write_all(b"CONNECT echo.default:7000 HTTP/1.1\r\nHost: echo.default:7000\r\n\r\n")
+        .await
+        .unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).await.unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    loop {
+        line.clear();
+        r.read_line(&mut line).await.unwrap();
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut s = r.into_inner();
+    s.write_all(b"through the tunnel").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"through the tunnel");
+
+    // curl's tunnel mode (-p) to an unknown service gets a 503 naming it.
+    let (code, _) = curl(&[
+        "-p",
+        "-x",
+        &format!("http://{outbound}"),
+        "http://nowhere:80/",
+    ])
+    .await;
+    assert_ne!(code, 0);
+    let mut s = TcpStream::connect(outbound).await.unwrap();
+    s.write_all(b"CONNECT nowhere:80 HTTP/1.1\r\nHost: nowhere:80\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let resp = String::from_utf8_lossy(&buf[..n]);
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    assert!(resp.contains("nowhere"), "{resp}");
+}
