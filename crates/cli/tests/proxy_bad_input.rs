@@ -125,6 +125,34 @@ async fn slow_upstream_gets_504_at_the_timeout() {
 }
 
 #[tokio::test]
+async fn upstream_connect_timeout_gets_504() {
+    let hole = trellis_testkit::origin::tcp::BlackholeOrigin::start()
+        .await
+        .unwrap();
+    let (admin, port) = (free_addr(), free_addr());
+    let yaml = format!(
+        "service: frontend\nadmin: {admin}\noutbound: {{ listen: null }}\n\
+         timeouts: {{ connect: 300ms }}\n\
+         upstreams:\n  - service: scoring-service\n    listen: {port}\n    endpoints: [{}]\n",
+        hole.addr()
+    );
+    let _p = proxy(&yaml, admin, &[]).await;
+    let started = Instant::now();
+    let (status, headers, body) = http1_get(port, "/", &[]).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(status, 504, "{body:?}");
+    assert_eq!(headers["x-trellis-error"], "connect-timeout");
+    assert!(
+        String::from_utf8_lossy(&body).contains("scoring-service"),
+        "{body:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(800),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
 async fn garbage_never_crashes_the_proxy() {
     let (p, app, [inbound, outbound, slow_port]) = setup().await;
     let mut seed = 0x2545_f491_4f6c_dd1du64;

@@ -136,7 +136,6 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
             direction: "inbound",
             protocol: inb.protocol,
             forwarder: Arc::new(Forwarder {
-                direction: "inbound",
                 destination: Destination::Fixed(app.clone()),
                 shared: shared.clone(),
             }),
@@ -166,7 +165,6 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
                 direction: "outbound",
                 protocol: u.protocol,
                 forwarder: Arc::new(Forwarder {
-                    direction: "outbound",
                     destination: Destination::Fixed(svc.clone()),
                     shared: shared.clone(),
                 }),
@@ -189,7 +187,6 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
             direction: "outbound",
             protocol: config::Protocol::Auto,
             forwarder: Arc::new(Forwarder {
-                direction: "outbound",
                 destination: Destination::ByHost(table),
                 shared: shared.clone(),
             }),

@@ -17,14 +17,25 @@ use std::task::{ready, Context, Poll};
 
 /// A request body forwarded upstream, counting its bytes.
 pub struct RequestBody {
-    inner: Incoming,
+    inner: Option<Incoming>,
     bytes: Arc<AtomicU64>,
 }
 
 impl RequestBody {
     /// Wraps a received body; `bytes` accumulates the data bytes that pass.
     pub fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
-        Self { inner, bytes }
+        Self {
+            inner: Some(inner),
+            bytes,
+        }
+    }
+
+    /// No body (requests the proxy makes itself).
+    pub fn empty() -> Self {
+        Self {
+            inner: None,
+            bytes: Arc::default(),
+        }
     }
 }
 
@@ -36,7 +47,10 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let res = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let res = ready!(Pin::new(inner).poll_frame(cx));
         if let Some(Ok(frame)) = &res {
             if let Some(data) = frame.data_ref() {
                 self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -46,11 +60,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 

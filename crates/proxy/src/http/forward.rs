@@ -54,8 +54,6 @@ pub struct Shared {
 
 /// Forwards the requests of one listener.
 pub struct Forwarder {
-    /// `inbound` or `outbound`.
-    pub direction: &'static str,
     /// Where requests go.
     pub destination: Destination,
     /// Proxy-wide parts.

@@ -273,3 +273,76 @@ impl EndpointConns {
         self.h1_idle.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    /// An HTTP/1 server on loopback answering 200 "ok" to everything.
+    async fn server() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            bytes::Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn get(conn: &mut H1Conn) {
+        let req = http::Request::get("/").body(RequestBody::empty()).unwrap();
+        let resp = conn.tx.send_request(req).await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+    }
+
+    #[tokio::test]
+    async fn released_connections_are_reused_then_closed_when_idle() {
+        let pool = Pool::new(PoolConfig {
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_millis(200),
+        });
+        let ep = pool.endpoint(server().await);
+        let mut c = ep.h1().await.unwrap();
+        assert!(!c.reused);
+        get(&mut c).await;
+        c.release();
+        assert_eq!(ep.idle_h1(), 1);
+        let mut c = ep.h1().await.unwrap();
+        assert!(c.reused, "the idle connection is reused");
+        get(&mut c).await;
+        c.release();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        ep.close_idle();
+        assert_eq!(ep.idle_h1(), 0, "idle past the timeout: closed");
+        assert!(!ep.h1().await.unwrap().reused);
+    }
+
+    #[tokio::test]
+    async fn refused_and_unreachable_endpoints_fail_fast() {
+        let pool = Pool::new(PoolConfig {
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+        });
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let ep = pool.endpoint(addr);
+        assert!(matches!(ep.h1().await, Err(ConnectError::Io { .. })));
+        assert!(
+            Arc::ptr_eq(&ep, &pool.endpoint(addr)),
+            "one entry per address"
+        );
+    }
+}

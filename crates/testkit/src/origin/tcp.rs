@@ -98,3 +98,49 @@ async fn banner_then_echo_lines(stream: TcpStream) -> io::Result<()> {
     }
     write.shutdown().await
 }
+
+/// A listener whose accept queue is full and never drained: new TCP connects to it hang
+/// (the kernel drops their SYNs), which is how a slow or partitioned host looks to a client.
+/// Stops when dropped.
+#[derive(Debug)]
+pub struct BlackholeOrigin {
+    addr: SocketAddr,
+    _listener: tokio::net::TcpListener,
+    _fill: Vec<tokio::net::TcpStream>,
+}
+
+impl BlackholeOrigin {
+    /// Binds with the smallest backlog and fills it.
+    pub async fn start() -> io::Result<Self> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
+        let listener = socket.listen(0)?;
+        let addr = listener.local_addr()?;
+        let mut fill = Vec::new();
+        // Connect until one attempt hangs: from then on the queue is full.
+        for _ in 0..16 {
+            let attempt = tokio::time::timeout(
+                std::time::Duration::from_millis(200),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(s)) => fill.push(s),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Ok(Self {
+                        addr,
+                        _listener: listener,
+                        _fill: fill,
+                    })
+                }
+            }
+        }
+        Err(io::Error::other("the accept queue never filled up"))
+    }
+
+    /// The address whose connects hang.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
