@@ -25,6 +25,8 @@ pub struct AdminState {
     pub draining: AtomicBool,
     /// The effective config as JSON.
     pub config_json: String,
+    /// The workload identity, when the proxy has one.
+    pub identity: Option<Arc<trellis_identity::IdentityStore>>,
     /// Cancelled by `POST /shutdown` to start a drain.
     pub shutdown_requested: CancellationToken,
 }
@@ -98,14 +100,7 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Respon
             r
         }
         (&Method::GET, "/config") => json(state.config_json.clone()),
-        (&Method::GET, "/certs") => json(
-            serde_json::json!({
-                "identity": null,
-                "certificates": [],
-                "note": "no workload identity: this proxy runs without mTLS",
-            })
-            .to_string(),
-        ),
+        (&Method::GET, "/certs") => json(certs_json(state.identity.as_deref()).to_string()),
         (&Method::POST, "/shutdown") => {
             if !peer.ip().is_loopback() {
                 return text(
@@ -123,5 +118,24 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Respon
             StatusCode::NOT_FOUND,
             "not found: try /live /ready /metrics /config /certs or POST /shutdown\n",
         ),
+    }
+}
+
+fn certs_json(store: Option<&trellis_identity::IdentityStore>) -> serde_json::Value {
+    match store.and_then(|s| s.info().map(|i| (i, s.rotations()))) {
+        Some((info, rotations)) => serde_json::json!({
+            "identity": info.identity.to_string(),
+            "serial": info.serial,
+            "not_after": info.not_after,
+            "not_after_rfc3339": crate::telemetry::time::rfc3339(
+                std::time::UNIX_EPOCH + Duration::from_secs(info.not_after)
+            ),
+            "rotations": rotations,
+            "trust_roots": info.trust_roots,
+        }),
+        None => serde_json::json!({
+            "identity": null,
+            "note": "this proxy has no workload identity (no identity files, no control plane)",
+        }),
     }
 }

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use trellis_api::duration::Duration;
 use trellis_api::names::{ServiceKey, DEFAULT_CLUSTER_DOMAIN, DEFAULT_NAMESPACE};
+use trellis_identity::SpiffeId;
 
 /// A bootstrap file that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -89,15 +90,42 @@ pub struct Bootstrap {
     /// Largest request head (request line + headers) accepted, in bytes; larger gets 431.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
-    /// Static mTLS material: not supported yet.
+    /// Trust domain of mesh identities.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Static mTLS material (with a control plane the certificate is issued instead).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identity: Option<serde_yaml_ng::Value>,
-    /// Inbound mTLS mode: not supported yet.
+    pub identity: Option<IdentityFiles>,
+    /// Inbound mTLS mode; by default STRICT when the proxy has an identity, else DISABLE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mtls: Option<serde_yaml_ng::Value>,
+    pub mtls: Option<MtlsMode>,
     /// Istio resources applied locally: not supported yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<serde_yaml_ng::Value>,
+}
+
+/// Files holding a static workload identity.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFiles {
+    /// Certificate chain, leaf first (PEM). Relative paths are relative to the bootstrap file.
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+    /// Trusted roots (PEM).
+    pub trust_bundle: PathBuf,
+}
+
+/// Istio's PeerAuthentication modes for the inbound side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// Only mTLS; plaintext connections are refused.
+    Strict,
+    /// mTLS and plaintext on the same port (detected by the ClientHello).
+    Permissive,
+    /// No mTLS; TLS from clients passes through to the app untouched.
+    Disable,
 }
 
 /// One inbound listener.
@@ -154,9 +182,9 @@ pub struct Upstream {
     /// Time limit for the response headers; 504 past it. None = no limit.
     #[serde(default)]
     pub timeout: Option<Duration>,
-    /// Expected peer identity (mTLS): not supported yet.
+    /// The SPIFFE ID the service's endpoints must present; when set, traffic to it is mTLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identity: Option<String>,
+    pub identity: Option<SpiffeId>,
 }
 
 /// Timeouts shared by all listeners and pools.
@@ -195,6 +223,9 @@ fn default_namespace() -> String {
 fn default_cluster_domain() -> String {
     DEFAULT_CLUSTER_DOMAIN.to_string()
 }
+fn default_trust_domain() -> String {
+    DEFAULT_CLUSTER_DOMAIN.to_string()
+}
 fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 4191))
 }
@@ -230,7 +261,7 @@ impl Bootstrap {
     /// Parses and validates bootstrap text; `file` is only used in error messages.
     pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
         let de = serde_yaml_ng::Deserializer::from_str(text);
-        let boot: Bootstrap = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut boot: Bootstrap = serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
             let inner = e.into_inner();
             let line = inner.location().map(|l| l.line());
@@ -253,7 +284,30 @@ impl Bootstrap {
                 field,
                 message,
             })?;
+        boot.resolve_paths(file);
         Ok(boot)
+    }
+
+    /// Makes the identity file paths absolute, relative to the bootstrap file's directory.
+    pub fn resolve_paths(&mut self, bootstrap: &Path) {
+        let base = bootstrap.parent().unwrap_or(Path::new("."));
+        if let Some(files) = &mut self.identity {
+            for p in [&mut files.cert, &mut files.key, &mut files.trust_bundle] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
+    }
+
+    /// This workload's SPIFFE ID (service account defaults to the service name).
+    pub fn spiffe_id(&self) -> Option<SpiffeId> {
+        SpiffeId::new(
+            &self.trust_domain,
+            &self.namespace,
+            self.service_account.as_deref().unwrap_or(&self.service),
+        )
+        .ok()
     }
 
     /// The service this workload runs.
@@ -271,16 +325,6 @@ impl Bootstrap {
 
     /// Cross-field checks. Errors are (field path, text to locate the line, message).
     fn validate(&self) -> Result<(), (String, String, String)> {
-        for (field, value) in [("identity", &self.identity), ("mtls", &self.mtls)] {
-            if value.is_some() {
-                return Err((
-                    field.into(),
-                    format!("{field}:"),
-                    "mTLS is not supported yet in this version of trellis; remove this field"
-                        .into(),
-                ));
-            }
-        }
         if self.resources.is_some() {
             return Err((
                 "resources".into(),
@@ -314,13 +358,17 @@ impl Bootstrap {
             if let Some(ns) = &u.namespace {
                 check_name(&format!("upstreams[{i}].namespace"), ns)?;
             }
-            if u.identity.is_some() {
-                return Err((
-                    format!("upstreams[{i}].identity"),
-                    "identity:".into(),
-                    "mTLS is not supported yet in this version of trellis; remove this field"
-                        .into(),
-                ));
+            if let Some(id) = &u.identity {
+                if id.trust_domain != self.trust_domain {
+                    return Err((
+                        format!("upstreams[{i}].identity"),
+                        id.to_string(),
+                        format!(
+                            "identity {id} is outside this mesh's trust domain {}",
+                            self.trust_domain
+                        ),
+                    ));
+                }
             }
             if let Some(addr) = u.listen {
                 claim(addr, format!("upstreams[{i}].listen"))?;
@@ -431,7 +479,13 @@ mod tests {
 
     #[test]
     fn unsupported_fields_are_refused_by_name() {
-        let msg = parse("service: a\nmtls: STRICT\n").unwrap_err().to_string();
+        let msg = parse("service: a\nresources: [x.yaml]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("proxy.yaml:2: resources:"), "{msg}");
+        let msg = parse("service: a\nmtls: SOMETIMES\n")
+            .unwrap_err()
+            .to_string();
         assert!(msg.starts_with("proxy.yaml:2: mtls:"), "{msg}");
     }
 }

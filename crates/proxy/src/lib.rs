@@ -13,6 +13,7 @@ pub mod io;
 pub mod listener;
 pub mod tcp;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 use admin::AdminState;
@@ -29,6 +30,7 @@ use telemetry::{AccessLog, Metrics};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use trellis_identity::IdentityStore;
 use upstream::pool::{Pool, PoolConfig};
 use upstream::{Service, ServiceTable};
 
@@ -45,6 +47,9 @@ pub enum ProxyError {
         /// Why.
         source: std::io::Error,
     },
+    /// The workload identity could not be set up.
+    #[error("identity: {0}")]
+    Identity(String),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
@@ -87,7 +92,28 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(ProxyError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(ProxyError::Signals)?;
 
-    let metrics = Arc::new(Metrics::new());
+    let identity = load_identity(&boot)?;
+    let mtls = match (boot.mtls, &identity) {
+        (Some(config::MtlsMode::Disable), _) => config::MtlsMode::Disable,
+        (Some(mode), Some(_)) => mode,
+        (Some(mode), None) => {
+            return Err(ProxyError::Identity(format!(
+                "mtls: {mode:?} needs a workload identity (identity: files, or a control plane)"
+            )))
+        }
+        (None, Some(_)) => config::MtlsMode::Strict,
+        (None, None) => {
+            tracing::warn!("no workload identity: inbound accepts plaintext only (mtls DISABLE)");
+            config::MtlsMode::Disable
+        }
+    };
+    let mut metrics = Metrics::new();
+    if let Some(store) = &identity {
+        metrics.registry_mut().register_collector(Box::new(
+            telemetry::identity::IdentityCollector(store.clone()),
+        ));
+    }
+    let metrics = Arc::new(metrics);
     let pool = Pool::new(PoolConfig {
         connect_timeout: boot.timeouts.connect.0,
         idle_timeout: boot.timeouts.idle.0,
@@ -127,7 +153,7 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
         let field = format!("inbound[{i}].listen");
         let app = Arc::new(Service::new(
             me.clone(),
-            vec![pool.endpoint(inb.app)],
+            vec![pool.endpoint(inb.app, None)],
             inb.timeout.map(|d| d.0),
             inbound_stats.clone(),
         ));
@@ -142,6 +168,12 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
             tcp_target: Some(app),
             source: Peer::unknown(),
             peer_label: Arc::from(telemetry::metrics::UNKNOWN),
+            tls: match (&identity, mtls) {
+                (Some(store), config::MtlsMode::Strict | config::MtlsMode::Permissive) => {
+                    Some(tls::InboundTls::new(mtls, store))
+                }
+                _ => None,
+            },
         };
         listeners.push((bind(inb.listen, &field).await?, Arc::new(l)));
     }
@@ -152,9 +184,23 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
     for (i, u) in boot.upstreams.iter().enumerate() {
         let key = boot.upstream_key(u);
         let peer = Peer::new(&key.name, &key.namespace);
+        let upstream_tls = match (&u.identity, &identity) {
+            (None, _) => None,
+            (Some(expected), Some(store)) => {
+                Some(Arc::new(tls::UpstreamTls::new(store, expected.clone())))
+            }
+            (Some(_), None) => {
+                return Err(ProxyError::Identity(format!(
+                    "upstreams[{i}].identity asks for mTLS, but this proxy has no identity"
+                )))
+            }
+        };
         let svc = Arc::new(Service::new(
             key,
-            u.endpoints.iter().map(|a| pool.endpoint(*a)).collect(),
+            u.endpoints
+                .iter()
+                .map(|a| pool.endpoint(*a, upstream_tls.clone()))
+                .collect(),
             u.timeout.map(|d| d.0),
             metrics.http_stats("outbound", peer.clone()),
         ));
@@ -171,6 +217,7 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
                 tcp_target: Some(svc.clone()),
                 source: my_peer.clone(),
                 peer_label: peer.service.clone(),
+                tls: None,
             };
             listeners.push((bind(addr, &field).await?, Arc::new(l)));
         }
@@ -193,6 +240,7 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
             tcp_target: None,
             source: my_peer.clone(),
             peer_label: Arc::from(telemetry::metrics::UNKNOWN),
+            tls: None,
         };
         listeners.push((bind(addr, "outbound.listen").await?, Arc::new(l)));
     }
@@ -203,6 +251,7 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
         ready: Default::default(),
         draining: Default::default(),
         config_json: serde_json::to_string_pretty(&boot).unwrap_or_default(),
+        identity: identity.clone(),
         shutdown_requested: CancellationToken::new(),
     });
     tokio::spawn(admin::serve(admin_listener, state.clone()));
@@ -239,6 +288,36 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
         tracing::info!("drained");
     }
     Ok(())
+}
+
+/// The static identity of the bootstrap file, checked against this workload's name.
+fn load_identity(boot: &Bootstrap) -> Result<Option<Arc<IdentityStore>>, ProxyError> {
+    let Some(files) = &boot.identity else {
+        return Ok(None);
+    };
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .map_err(|e| ProxyError::Identity(format!("{}: {e}", p.display())))
+    };
+    let store = IdentityStore::new();
+    let info = store
+        .install(
+            &read(&files.cert)?,
+            &read(&files.key)?,
+            &read(&files.trust_bundle)?,
+        )
+        .map_err(|e| ProxyError::Identity(format!("{}: {e}", files.cert.display())))?;
+    if let Some(me) = boot.spiffe_id() {
+        if info.identity != me {
+            return Err(ProxyError::Identity(format!(
+                "{} holds {}, but this workload is {me}",
+                files.cert.display(),
+                info.identity
+            )));
+        }
+    }
+    tracing::info!(identity = %info.identity, not_after = info.not_after, "workload identity loaded");
+    Ok(Some(store))
 }
 
 async fn sweep_metrics(metrics: Arc<Metrics>, retention: Duration) {

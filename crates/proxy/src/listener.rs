@@ -1,16 +1,19 @@
-//! Accepting connections: one accept loop per listener, detection, then HTTP or TCP.
+//! Accepting connections: one accept loop per listener, detection, mTLS termination on
+//! inbound, then HTTP or TCP.
 
-use crate::config::Protocol;
+use crate::config::{MtlsMode, Protocol};
 use crate::detect::{self, Detected, PrefixedIo};
 use crate::http::forward::{ClientConn, Forwarder};
 use crate::http::{self, ServerConfig};
 use crate::io::MeteredIo;
 use crate::telemetry::metrics::{Metrics, Peer};
+use crate::tls::{peer_of, Alpn, InboundTls};
 use crate::upstream::Service;
 use bytes::Bytes;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -21,16 +24,18 @@ pub struct Listener {
     pub name: String,
     /// `inbound` or `outbound`.
     pub direction: &'static str,
-    /// Detection or a fixed protocol.
+    /// Detection or a fixed protocol (inside mTLS, for inbound listeners with mTLS).
     pub protocol: Protocol,
     /// Handles HTTP requests.
     pub forwarder: Arc<Forwarder>,
     /// Where opaque TCP goes; `None` refuses it (the HTTP proxy listener).
     pub tcp_target: Option<Arc<Service>>,
-    /// The caller as metrics see it.
+    /// The caller as metrics see it when the connection carries no identity.
     pub source: Peer,
     /// `peer_service` label of the TCP metrics.
     pub peer_label: Arc<str>,
+    /// mTLS termination (inbound, STRICT or PERMISSIVE).
+    pub tls: Option<InboundTls>,
 }
 
 /// What every connection handler needs.
@@ -69,44 +74,117 @@ pub async fn accept_loop(tcp: TcpListener, listener: Arc<Listener>, ctx: Arc<Con
     tracing::debug!(listener = %listener.name, "listener closed");
 }
 
+/// Reads the first bytes unless the drain starts first. `None`: close the connection.
+async fn detect_or_drain<I: AsyncRead + Unpin>(
+    io: &mut I,
+    ctx: &Context,
+) -> Option<(Detected, Bytes)> {
+    // A client still silent when the drain starts has nothing in flight: close it.
+    let detected = tokio::select! {
+        d = detect::detect(io, ctx.detect_timeout) => d,
+        _ = ctx.shutdown.cancelled() => return None,
+    };
+    match detected {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(error = %e, "read failed during detection");
+            None
+        }
+    }
+}
+
+fn fixed(protocol: Protocol) -> Option<Detected> {
+    match protocol {
+        Protocol::Auto => None,
+        Protocol::Http1 => Some(Detected::Http1),
+        Protocol::Http2 | Protocol::Grpc => Some(Detected::Http2),
+        Protocol::Tcp => Some(Detected::Opaque),
+    }
+}
+
 async fn handle(stream: TcpStream, addr: SocketAddr, l: Arc<Listener>, ctx: Arc<Context>) {
     let _ = stream.set_nodelay(true);
     let metrics = ctx.metrics.tcp_open(l.direction, &l.peer_label);
     let mut io = MeteredIo::new(stream, metrics);
-    let (detected, prefix) = match l.protocol {
-        Protocol::Http1 => (Detected::Http1, Bytes::new()),
-        Protocol::Http2 | Protocol::Grpc => (Detected::Http2, Bytes::new()),
-        Protocol::Tcp => (Detected::Opaque, Bytes::new()),
-        Protocol::Auto => {
-            // A client still silent when the drain starts has nothing in flight: close it.
-            let detected = tokio::select! {
-                d = detect::detect(&mut io, ctx.detect_timeout) => d,
-                _ = ctx.shutdown.cancelled() => return,
-            };
-            match detected {
-                Ok(Some(d)) => d,
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::debug!(error = %e, "read failed during detection");
-                    return;
-                }
-            }
-        }
+    let plaintext_client = ClientConn {
+        addr,
+        source: l.source.clone(),
+        tls: false,
+    };
+
+    // Without mTLS a fixed protocol skips detection; with it, we must look for a ClientHello.
+    let Some(tls) = &l.tls else {
+        let (detected, prefix) = match fixed(l.protocol) {
+            Some(d) => (d, Bytes::new()),
+            None => match detect_or_drain(&mut io, &ctx).await {
+                Some(d) => d,
+                None => return,
+            },
+        };
+        dispatch(
+            PrefixedIo::new(prefix, io),
+            detected,
+            plaintext_client,
+            &l,
+            &ctx,
+        )
+        .await;
+        return;
+    };
+    let Some((detected, prefix)) = detect_or_drain(&mut io, &ctx).await else {
+        return;
     };
     let io = PrefixedIo::new(prefix, io);
+    if detected != Detected::Tls {
+        if tls.mode == MtlsMode::Strict {
+            ctx.metrics.tls_handshake_failed("plaintext_refused");
+            tracing::debug!(listener = %l.name, client = %addr, "plaintext refused (mTLS STRICT)");
+            return;
+        }
+        let detected = fixed(l.protocol).unwrap_or(detected);
+        dispatch(io, detected, plaintext_client, &l, &ctx).await;
+        return;
+    }
+    let accepted = match tls.accept(io).await {
+        Ok(a) => a,
+        Err(e) => {
+            let reason = trellis_identity::tls::failure_reason(&e);
+            ctx.metrics.tls_handshake_failed(reason);
+            tracing::info!(listener = %l.name, client = %addr, reason, error = %e, "mTLS handshake failed");
+            return;
+        }
+    };
+    let client = ClientConn {
+        addr,
+        source: accepted.peer.as_ref().map_or_else(Peer::unknown, peer_of),
+        tls: true,
+    };
+    let mut io = accepted.io;
+    let (detected, prefix) = match (accepted.alpn, fixed(l.protocol)) {
+        (Alpn::H2, _) => (Detected::Http2, Bytes::new()),
+        (Alpn::Http1, _) => (Detected::Http1, Bytes::new()),
+        (Alpn::None, Some(d)) => (d, Bytes::new()),
+        (Alpn::None, None) => match detect_or_drain(&mut io, &ctx).await {
+            Some(d) => d,
+            None => return,
+        },
+    };
+    dispatch(PrefixedIo::new(prefix, io), detected, client, &l, &ctx).await;
+}
+
+/// Serves a connection whose protocol is known.
+async fn dispatch<I>(io: I, detected: Detected, client: ClientConn, l: &Listener, ctx: &Context)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     match detected {
         Detected::Http1 | Detected::Http2 => {
-            let client = Arc::new(ClientConn {
-                addr,
-                source: l.source.clone(),
-                tls: false,
-            });
             let h2 = detected == Detected::Http2;
             http::serve(
                 io,
                 h2,
                 l.forwarder.clone(),
-                client,
+                Arc::new(client),
                 &ctx.server,
                 ctx.shutdown.clone(),
             )
@@ -115,7 +193,7 @@ async fn handle(stream: TcpStream, addr: SocketAddr, l: Arc<Listener>, ctx: Arc<
         Detected::Tls | Detected::Opaque => match &l.tcp_target {
             Some(service) => crate::tcp::forward(io, service).await,
             None => {
-                tracing::debug!(listener = %l.name, client = %addr, "closing non-HTTP connection on the HTTP proxy listener");
+                tracing::debug!(listener = %l.name, client = %client.addr, "closing non-HTTP connection on the HTTP proxy listener");
             }
         },
     }

@@ -14,7 +14,7 @@ where
         tracing::info!(service = %service.key, "TCP connection closed: service has no endpoints");
         return;
     };
-    let mut upstream = match endpoint.connect_tcp().await {
+    let mut upstream = match endpoint.connect(crate::tls::UpstreamUse::Opaque).await {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(service = %service.key, error = %e, "TCP connection closed: upstream unreachable");

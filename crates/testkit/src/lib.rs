@@ -2,6 +2,7 @@
 //! polling, all on loopback with ephemeral ports.
 #![warn(missing_docs)]
 
+pub mod certs;
 pub mod client;
 pub mod origin;
 pub mod proxy;

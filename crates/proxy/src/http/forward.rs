@@ -11,6 +11,7 @@ use super::headers;
 use super::respond;
 use crate::telemetry::metrics::{Metrics, Peer};
 use crate::telemetry::AccessLog;
+use crate::tls::UpstreamUse;
 use crate::upstream::pool::{ConnectError, EndpointConns, H1Conn};
 use crate::upstream::{Service, ServiceTable};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -175,7 +176,21 @@ impl Forwarder {
 
         let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         headers::strip_hop_by_hop(req.headers_mut(), upgrade);
-        let h2 = downstream_version == Version::HTTP_2;
+        // The mesh hop is HTTP/2 (one multiplexed mTLS connection) except for upgrades; the
+        // receiving proxy restores HTTP/1.1 for the app when the client spoke it.
+        let was_h1 = headers::take_orig_proto_h1(req.headers_mut(), client.tls)
+            || downstream_version < Version::HTTP_2;
+        let h2 = if endpoint.is_mtls() {
+            !upgrade
+        } else {
+            !was_h1
+        };
+        if endpoint.is_mtls() && h2 && was_h1 {
+            headers::mark_orig_proto_h1(req.headers_mut());
+        }
+        if endpoint.is_mtls() {
+            exchange.tls = true;
+        }
         if let Err(msg) = set_upstream_target(&mut req, authority.as_deref(), endpoint.addr(), h2) {
             return respond::error(StatusCode::BAD_REQUEST, "bad-target", msg, Some(exchange));
         }
@@ -248,7 +263,7 @@ impl Forwarder {
                 None,
             );
         };
-        let mut upstream = match endpoint.connect_tcp().await {
+        let mut upstream = match endpoint.connect(UpstreamUse::Opaque).await {
             Ok(s) => s,
             Err(e) => return upstream_error(&service, SendError::Connect(e), None),
         };
@@ -344,6 +359,9 @@ fn upstream_error(
     let (status, reason) = match &err {
         SendError::Connect(ConnectError::Timeout(_)) => {
             (StatusCode::GATEWAY_TIMEOUT, "connect-timeout")
+        }
+        SendError::Connect(ConnectError::Tls { .. }) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "tls-handshake-failed")
         }
         SendError::Connect(_) => (StatusCode::SERVICE_UNAVAILABLE, "connect-failed"),
         // Our side of the exchange failed: the client's request body was malformed or cut.

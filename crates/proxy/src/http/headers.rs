@@ -6,6 +6,23 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 /// The request id header generated when absent and propagated upstream.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Set by the sending proxy when it carries an HTTP/1.1 request over the HTTP/2 mesh hop, so
+/// the receiving proxy gives the app HTTP/1.1 again. Never reaches an app.
+pub static ORIG_PROTO: HeaderName = HeaderName::from_static("trellis-orig-proto");
+
+/// Marks a request as originally HTTP/1.1.
+pub fn mark_orig_proto_h1(headers: &mut HeaderMap) {
+    headers.insert(ORIG_PROTO.clone(), HeaderValue::from_static("HTTP/1.1"));
+}
+
+/// Removes the original-protocol mark; true when it said HTTP/1.1 and came from a mesh peer
+/// (`trusted`): a plaintext client cannot choose the app's protocol with it.
+pub fn take_orig_proto_h1(headers: &mut HeaderMap, trusted: bool) -> bool {
+    headers
+        .remove(&ORIG_PROTO)
+        .is_some_and(|v| trusted && v == "HTTP/1.1")
+}
+
 /// Headers that describe one connection, never forwarded.
 const HOP_BY_HOP: [&str; 8] = [
     "connection",

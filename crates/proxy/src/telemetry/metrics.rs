@@ -57,6 +57,11 @@ struct TcpLabels {
     peer_service: Arc<str>,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn duration_histogram() -> Histogram {
@@ -93,6 +98,7 @@ struct Families {
     tcp_open: Family<TcpLabels, Gauge>,
     tcp_total: Family<TcpLabels, Counter>,
     tcp_bytes: Family<TcpLabels, Counter>,
+    tls_failures: Family<ReasonLabels, Counter>,
 }
 
 /// The proxy's metrics registry and the families the request path writes to.
@@ -113,6 +119,7 @@ impl Metrics {
             tcp_open: Family::default(),
             tcp_total: Family::default(),
             tcp_bytes: Family::default(),
+            tls_failures: Family::default(),
         });
         let mut registry = Registry::default();
         registry.register(
@@ -140,6 +147,11 @@ impl Metrics {
             "Bytes read and written on proxied connections",
             families.tcp_bytes.clone(),
         );
+        registry.register(
+            "trellis_tls_handshake_failures",
+            "mTLS handshakes that failed, and plaintext refused under STRICT, by reason",
+            families.tls_failures.clone(),
+        );
         registry.register_collector(Box::new(super::process::ProcessCollector::new()));
         Self {
             registry,
@@ -153,6 +165,14 @@ impl Metrics {
     /// Registers more metrics (used by other modules at start-up).
     pub fn registry_mut(&mut self) -> &mut Registry {
         &mut self.registry
+    }
+
+    /// Counts a failed mTLS handshake (or refused plaintext) under a bounded `reason`.
+    pub fn tls_handshake_failed(&self, reason: &'static str) {
+        self.families
+            .tls_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// Prometheus text exposition of everything.

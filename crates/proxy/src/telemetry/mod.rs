@@ -2,6 +2,7 @@
 //! process metrics.
 
 pub mod access_log;
+pub mod identity;
 pub mod metrics;
 mod process;
 pub(crate) mod time;

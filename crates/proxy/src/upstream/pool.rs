@@ -3,9 +3,12 @@
 //! Each endpoint address has one [`EndpointConns`]: a stack of idle HTTP/1 connections (the
 //! most recently used first, so few stay warm) and one shared HTTP/2 connection multiplexing
 //! every stream. A reaper closes connections idle longer than the idle timeout. Opaque TCP
-//! connects go through [`EndpointConns::connect_tcp`] for the same connect timeout.
+//! connects go through [`EndpointConns::connect`] for the same connect timeout. Endpoints of
+//! services with a known identity are reached over mTLS: the same address with and without
+//! an expected identity gets separate entries, so connections are never shared between them.
 
 use crate::http::body::RequestBody;
+use crate::tls::{UpstreamTls, UpstreamUse};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::collections::HashMap;
@@ -14,6 +17,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
+use trellis_identity::SpiffeId;
+
+/// A connection to an endpoint: plain TCP, or mTLS over it.
+pub type UpstreamIo = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// Why no connection to an endpoint could be had.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +32,14 @@ pub enum ConnectError {
     /// The TCP connect failed (refused, unreachable, ...).
     #[error("connect to {addr}: {source}")]
     Io {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The mTLS handshake failed (wrong identity, unknown CA, ...).
+    #[error("mTLS handshake with {addr}: {source}")]
+    Tls {
         /// The endpoint.
         addr: SocketAddr,
         /// Why.
@@ -51,8 +67,11 @@ pub struct PoolConfig {
 /// All endpoints' connections. One per proxy.
 pub struct Pool {
     cfg: Arc<PoolConfig>,
-    endpoints: Mutex<HashMap<SocketAddr, Weak<EndpointConns>>>,
+    endpoints: Mutex<HashMap<EndpointKey, Weak<EndpointConns>>>,
 }
+
+/// An endpoint address and the identity it must present (none: plaintext).
+type EndpointKey = (SocketAddr, Option<SpiffeId>);
 
 impl Pool {
     /// An empty pool.
@@ -63,20 +82,23 @@ impl Pool {
         })
     }
 
-    /// The connections of `addr`, shared by every service that lists it.
-    pub fn endpoint(&self, addr: SocketAddr) -> Arc<EndpointConns> {
+    /// The connections of `addr`, shared by every service that lists it with the same
+    /// expected identity; `tls` makes them mTLS.
+    pub fn endpoint(&self, addr: SocketAddr, tls: Option<Arc<UpstreamTls>>) -> Arc<EndpointConns> {
+        let key = (addr, tls.as_ref().map(|t| t.expected.clone()));
         let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(ep) = map.get(&addr).and_then(Weak::upgrade) {
+        if let Some(ep) = map.get(&key).and_then(Weak::upgrade) {
             return ep;
         }
         let ep = Arc::new(EndpointConns {
             addr,
+            tls,
             cfg: self.cfg.clone(),
             h1_idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
         });
-        map.insert(addr, Arc::downgrade(&ep));
+        map.insert(key, Arc::downgrade(&ep));
         ep
     }
 
@@ -112,6 +134,7 @@ struct SharedH2 {
 /// The pooled connections of one endpoint address.
 pub struct EndpointConns {
     addr: SocketAddr,
+    tls: Option<Arc<UpstreamTls>>,
     cfg: Arc<PoolConfig>,
     h1_idle: Mutex<Vec<IdleH1>>,
     h2: Mutex<Option<SharedH2>>,
@@ -153,16 +176,28 @@ impl EndpointConns {
         self.addr
     }
 
-    /// A new TCP connection, within the connect timeout.
-    pub async fn connect_tcp(&self) -> Result<TcpStream, ConnectError> {
+    /// Whether connections to this endpoint are mTLS.
+    pub fn is_mtls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// A new connection within the connect timeout, mTLS when the endpoint has an identity.
+    pub async fn connect(&self, usage: UpstreamUse) -> Result<UpstreamIo, ConnectError> {
         let addr = self.addr;
-        match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr)).await {
-            Err(_) => Err(ConnectError::Timeout(addr)),
-            Ok(Err(source)) => Err(ConnectError::Io { addr, source }),
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                Ok(s)
-            }
+        let tcp =
+            match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr)).await {
+                Err(_) => return Err(ConnectError::Timeout(addr)),
+                Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
+                Ok(Ok(s)) => s,
+            };
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            None => Ok(Either::Left(tcp)),
+            Some(tls) => tls
+                .connect(tcp, usage)
+                .await
+                .map(Either::Right)
+                .map_err(|source| ConnectError::Tls { addr, source }),
         }
     }
 
@@ -187,9 +222,9 @@ impl EndpointConns {
 
     /// A new HTTP/1 connection (with upgrades enabled), bypassing the idle stack.
     pub async fn h1_new(self: &Arc<Self>) -> Result<H1Conn, ConnectError> {
-        let tcp = self.connect_tcp().await?;
+        let io = self.connect(UpstreamUse::Http1).await?;
         let (tx, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(tcp))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|source| ConnectError::Handshake {
                 addr: self.addr,
@@ -216,12 +251,12 @@ impl EndpointConns {
         if let Some(tx) = self.live_h2() {
             return Ok(tx);
         }
-        let tcp = self.connect_tcp().await?;
+        let io = self.connect(UpstreamUse::H2).await?;
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(tcp))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|source| ConnectError::Handshake {
                 addr: self.addr,
@@ -312,7 +347,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_millis(200),
         });
-        let ep = pool.endpoint(server().await);
+        let ep = pool.endpoint(server().await, None);
         let mut c = ep.h1().await.unwrap();
         assert!(!c.reused);
         get(&mut c).await;
@@ -338,10 +373,10 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let ep = pool.endpoint(addr);
+        let ep = pool.endpoint(addr, None);
         assert!(matches!(ep.h1().await, Err(ConnectError::Io { .. })));
         assert!(
-            Arc::ptr_eq(&ep, &pool.endpoint(addr)),
+            Arc::ptr_eq(&ep, &pool.endpoint(addr, None)),
             "one entry per address"
         );
     }
