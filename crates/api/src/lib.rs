@@ -3,3 +3,12 @@
 
 pub mod duration;
 pub mod names;
+
+/// Generated protobuf types and gRPC stubs.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    /// The identity service (`trellis.identity.v1`).
+    pub mod identity {
+        tonic::include_proto!("trellis.identity.v1");
+    }
+}

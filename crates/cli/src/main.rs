@@ -1,5 +1,7 @@
 //! `trellis`: the proxy, and (as they land) the control plane and the CLI commands.
 
+mod api_client;
+mod cmd;
 mod demo;
 
 use anyhow::Context as _;
@@ -14,6 +16,14 @@ struct Cli {
     /// Log filter for stderr logs (e.g. info, debug, trellis_proxy=debug).
     #[arg(long, global = true, env = "TRELLIS_LOG", default_value = "info")]
     log_level: String,
+    /// The control plane's HTTP API, for the commands that talk to it.
+    #[arg(
+        long,
+        global = true,
+        env = "TRELLIS_API",
+        default_value = "127.0.0.1:15014"
+    )]
+    api: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -22,6 +32,27 @@ struct Cli {
 enum Command {
     /// Run the data-plane proxy from a static bootstrap file.
     Proxy(ProxyArgs),
+    /// Run the control plane: CA and identity service, HTTP API.
+    Control(cmd::control::ControlArgs),
+    /// Join tokens: create, list, revoke.
+    #[command(subcommand)]
+    Token(cmd::token::TokenCommand),
+    /// Every proxy's identity and certificate expiry, and the CA's.
+    Certs {
+        /// Output format.
+        #[arg(short, long, value_parser = ["table", "json"], default_value = "table")]
+        output: String,
+    },
+    /// Check the mesh: control plane reachable, CA and workload certificates not expiring.
+    /// Exits 1 when a check fails.
+    Check {
+        /// Output format.
+        #[arg(short, long, value_parser = ["table", "json"], default_value = "table")]
+        output: String,
+    },
+    /// Certificate authority: rotate the root, issue static identity files.
+    #[command(subcommand)]
+    Ca(cmd::ca::CaCommand),
     /// Run a small demo mesh on this machine (Ctrl-C stops it).
     Demo(demo::DemoArgs),
     /// Check a bootstrap file and print the effective config as JSON.
@@ -57,6 +88,13 @@ struct ProxyArgs {
     /// Worker threads (default: the CPUs this process may run on).
     #[arg(long)]
     workers: Option<usize>,
+    /// Control plane gRPC address(es), `host:port[,host:port...]`: the workload certificate
+    /// is obtained and renewed there.
+    #[arg(long, value_delimiter = ',')]
+    control: Vec<String>,
+    /// File holding the join token (`trellis token create`); needed with --control.
+    #[arg(long)]
+    token: Option<PathBuf>,
 }
 
 fn init_logs(filter: &str) {
@@ -86,6 +124,18 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Control(args) => report(cmd::control::run(args)),
+        Command::Token(c) => report(cmd::token::run(&cli.api, c)),
+        Command::Certs { output } => report(cmd::certs::certs(&cli.api, output == "json")),
+        Command::Check { output } => match cmd::certs::check(&cli.api, output == "json") {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Ca(c) => report(cmd::ca::run(&cli.api, c)),
         Command::Demo(args) => match demo::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -93,6 +143,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -104,10 +164,18 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let control = match control_config(&args, &boot) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let opts = trellis_proxy::RunOptions {
         access_log: matches!(args.access_log, AccessLogFormat::Json),
         drain_timeout: args.drain_timeout.0,
         metrics_retention: args.metrics_retention.0,
+        control,
     };
     let result = build_runtime(args.workers)
         .and_then(|rt| rt.block_on(trellis_proxy::run(boot, opts)).context("proxy"));
@@ -118,6 +186,48 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn control_config(
+    args: &ProxyArgs,
+    boot: &trellis_proxy::config::Bootstrap,
+) -> anyhow::Result<Option<trellis_proxy::identity_client::ControlConfig>> {
+    if args.control.is_empty() {
+        anyhow::ensure!(args.token.is_none(), "--token needs --control");
+        return Ok(None);
+    }
+    let file = args
+        .token
+        .as_ref()
+        .context("--control needs --token FILE (create one with `trellis token create`)")?;
+    let text = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
+    let token = text
+        .trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let address = boot
+        .inbound
+        .iter()
+        .map(|i| i.listen.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    Ok(Some(trellis_proxy::identity_client::ControlConfig {
+        addrs: args.control.clone(),
+        token,
+        instance: format!(
+            "{}-{:08x}",
+            boot.service,
+            std::process::id() ^ fastrand_seed()
+        ),
+        address,
+    }))
+}
+
+/// A few random bits for instance ids, without another dependency.
+fn fastrand_seed() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
 }
 
 fn build_runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {

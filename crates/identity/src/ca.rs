@@ -96,6 +96,12 @@ pub fn not_after(der: &[u8]) -> Option<u64> {
     Some(cert.validity().not_after.timestamp().max(0) as u64)
 }
 
+/// Issuer distinguished name of a DER certificate.
+pub fn issuer(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.issuer().to_string())
+}
+
 /// Serial of a DER certificate, hex.
 pub fn serial(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
@@ -202,6 +208,16 @@ impl CertificateAuthority {
     /// The signing certificate (PEM).
     pub fn cert_pem(&self) -> String {
         pem::cert_pem(&self.signing_der)
+    }
+
+    /// What a CA certificate file should hold to load this CA again: the signing
+    /// certificate and any intermediates above it.
+    pub fn cert_file_pem(&self) -> String {
+        if self.chain_pem.is_empty() {
+            self.cert_pem()
+        } else {
+            self.chain_pem.clone()
+        }
     }
 
     /// The signing key (PEM). Handle with care.

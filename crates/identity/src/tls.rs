@@ -55,6 +55,8 @@ pub struct CertInfo {
     pub not_after: u64,
     /// Trusted roots in the bundle.
     pub trust_roots: usize,
+    /// The issuer's distinguished name.
+    pub issuer: String,
 }
 
 /// The crypto provider used everywhere in the mesh.
@@ -151,6 +153,7 @@ impl IdentityStore {
             serial: crate::ca::serial(leaf).unwrap_or_default(),
             not_after: crate::ca::not_after(leaf).unwrap_or(0),
             trust_roots: bundle.len(),
+            issuer: crate::ca::issuer(leaf).unwrap_or_default(),
         };
         self.roots.store(roots);
         self.client_verifier.store(Some(Arc::new(verifier)));
@@ -180,6 +183,26 @@ impl IdentityStore {
             .expect("the ring provider supports TLS 1.2 and 1.3")
             .with_client_cert_verifier(Arc::new(BundleClientVerifier {
                 store: self.clone(),
+                mandatory: true,
+            }))
+            .with_cert_resolver(Arc::new(Resolver(self.clone())));
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(cfg)
+    }
+
+    /// Like [`IdentityStore::server_config`], but a client may also connect without a
+    /// certificate (the control plane's identity endpoint: joining workloads have none yet
+    /// and authenticate with a token; renewing ones present their certificate).
+    pub fn server_config_client_cert_optional(
+        self: &Arc<Self>,
+        alpn: &[&[u8]],
+    ) -> Arc<ServerConfig> {
+        let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .expect("the ring provider supports TLS 1.2 and 1.3")
+            .with_client_cert_verifier(Arc::new(BundleClientVerifier {
+                store: self.clone(),
+                mandatory: false,
             }))
             .with_cert_resolver(Arc::new(Resolver(self.clone())));
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
@@ -211,10 +234,10 @@ impl IdentityStore {
 /// A client config that trusts a server chaining to the CA whose certificate hashes to
 /// `pin` (how a joining workload authenticates the control plane before it has a bundle).
 /// The server's SPIFFE ID must be `expected`.
-pub fn pinned_client_config(pin: &str, expected: SpiffeId) -> Arc<ClientConfig> {
+pub fn pinned_client_config(pin: &str, expected: SpiffeId, alpn: &[&[u8]]) -> Arc<ClientConfig> {
     let provider = provider();
     let algs = provider.signature_verification_algorithms;
-    let cfg = ClientConfig::builder_with_provider(provider)
+    let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .expect("the ring provider supports TLS 1.2 and 1.3")
         .dangerous()
@@ -224,20 +247,6 @@ pub fn pinned_client_config(pin: &str, expected: SpiffeId) -> Arc<ClientConfig> 
             algs,
         }))
         .with_no_client_auth();
-    Arc::new(cfg)
-}
-
-/// A server config with a fixed certificate and no client authentication (the control
-/// plane's identity endpoint, which authenticates callers by join token or certificate).
-pub fn server_config_optional_client_auth(
-    store: &Arc<IdentityStore>,
-    alpn: &[&[u8]],
-) -> Arc<ServerConfig> {
-    let mut cfg = ServerConfig::builder_with_provider(store.provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("the ring provider supports TLS 1.2 and 1.3")
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(Resolver(store.clone())));
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(cfg)
 }
@@ -301,6 +310,7 @@ impl ResolvesClientCert for Resolver {
 #[derive(Debug)]
 struct BundleClientVerifier {
     store: Arc<IdentityStore>,
+    mandatory: bool,
 }
 
 impl BundleClientVerifier {
@@ -318,7 +328,7 @@ impl ClientCertVerifier for BundleClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.mandatory
     }
 
     fn verify_client_cert(

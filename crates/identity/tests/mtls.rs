@@ -179,3 +179,39 @@ fn install_refuses_bad_material() {
     assert!(store.install("junk", &key, &ca.bundle_pem()).is_err());
     assert!(store.info().is_none());
 }
+
+#[tokio::test]
+async fn a_reloaded_next_root_serving_with_its_own_cert_in_the_chain_verifies() {
+    let mut old =
+        CertificateAuthority::generate("cluster.local", Duration::from_secs(3600)).unwrap();
+    let next = CertificateAuthority::generate("cluster.local", Duration::from_secs(3600)).unwrap();
+    old.trust_also(next.bundle());
+    let bundle2 = old.bundle_pem();
+    let (issued, key) = old
+        .issue(&id("frontend"), &[], &[], Duration::from_secs(600))
+        .unwrap();
+    let client = IdentityStore::new();
+    client.install(&issued.chain_pem, &key, &bundle2).unwrap();
+
+    let mut next2 = CertificateAuthority::from_pem(
+        "cluster.local",
+        &next.cert_file_pem(),
+        next.key_pem(),
+        None,
+    )
+    .unwrap();
+    next2.trust_also(old.bundle());
+    let (issued, key) = next2
+        .issue(&id("control"), &[], &[], Duration::from_secs(600))
+        .unwrap();
+    let chain = format!("{}{}", issued.chain_pem, next2.cert_pem());
+    let server = IdentityStore::new();
+    server.install(&chain, &key, &next2.bundle_pem()).unwrap();
+    let (c, s) = handshake(
+        client.client_config(Some(id("control")), &[]),
+        server.server_config(&[]),
+    )
+    .await;
+    c.unwrap();
+    s.unwrap();
+}

@@ -132,6 +132,7 @@ fn certs_json(store: Option<&trellis_identity::IdentityStore>) -> serde_json::Va
             ),
             "rotations": rotations,
             "trust_roots": info.trust_roots,
+            "issuer": info.issuer,
         }),
         None => serde_json::json!({
             "identity": null,

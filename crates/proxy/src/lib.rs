@@ -9,6 +9,7 @@ pub mod admin;
 pub mod config;
 pub mod detect;
 pub mod http;
+pub mod identity_client;
 pub mod io;
 pub mod listener;
 pub mod tcp;
@@ -64,6 +65,8 @@ pub struct RunOptions {
     pub drain_timeout: Duration,
     /// Metric series idle this long are dropped.
     pub metrics_retention: Duration,
+    /// Obtain the workload certificate from a control plane.
+    pub control: Option<identity_client::ControlConfig>,
 }
 
 impl Default for RunOptions {
@@ -72,6 +75,7 @@ impl Default for RunOptions {
             access_log: false,
             drain_timeout: Duration::from_secs(30),
             metrics_retention: Duration::from_secs(600),
+            control: None,
         }
     }
 }
@@ -92,7 +96,37 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(ProxyError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(ProxyError::Signals)?;
 
-    let identity = load_identity(&boot)?;
+    let identity = match &opts.control {
+        None => load_identity(&boot)?,
+        Some(control) => {
+            if boot.identity.is_some() {
+                return Err(ProxyError::Identity(
+                    "use either identity files or a control plane, not both".into(),
+                ));
+            }
+            let id = boot.spiffe_id().ok_or_else(|| {
+                ProxyError::Identity(
+                    "service, namespace or service account is not a valid identity".into(),
+                )
+            })?;
+            let store = IdentityStore::new();
+            let never = CancellationToken::new();
+            let first = tokio::select! {
+                r = identity_client::first_certificate(control, &id, &store, &never) => r,
+                _ = sigterm.recv() => return Ok(()),
+                _ = sigint.recv() => return Ok(()),
+            }
+            .map_err(|e| ProxyError::Identity(e.to_string()))?;
+            tracing::info!(identity = %first.identity, serial = %first.serial, not_after = first.not_after, "workload certificate obtained from the control plane");
+            tokio::spawn(identity_client::renew_forever(
+                control.clone(),
+                id,
+                store.clone(),
+                first,
+            ));
+            Some(store)
+        }
+    };
     let mtls = match (boot.mtls, &identity) {
         (Some(config::MtlsMode::Disable), _) => config::MtlsMode::Disable,
         (Some(mode), Some(_)) => mode,
@@ -147,6 +181,10 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
     let my_peer = Peer::new(&me.name, &me.namespace);
     let mut listeners: Vec<(TcpListener, Arc<Listener>)> = Vec::new();
 
+    let local_identity: Option<Arc<str>> = identity
+        .as_ref()
+        .and_then(|s| s.info())
+        .map(|i| Arc::from(i.identity.to_string()));
     // Inbound: every public port forwards to its local app, as this workload's service.
     let inbound_stats = metrics.http_stats("inbound", my_peer.clone());
     for (i, inb) in boot.inbound.iter().enumerate() {
@@ -163,6 +201,7 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
             protocol: inb.protocol,
             forwarder: Arc::new(Forwarder {
                 destination: Destination::Fixed(app.clone()),
+                inbound_identity: Some(local_identity.clone()),
                 shared: shared.clone(),
             }),
             tcp_target: Some(app),
@@ -212,6 +251,7 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
                 protocol: u.protocol,
                 forwarder: Arc::new(Forwarder {
                     destination: Destination::Fixed(svc.clone()),
+                    inbound_identity: None,
                     shared: shared.clone(),
                 }),
                 tcp_target: Some(svc.clone()),
@@ -235,6 +275,7 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
             protocol: config::Protocol::Auto,
             forwarder: Arc::new(Forwarder {
                 destination: Destination::ByHost(table),
+                inbound_identity: None,
                 shared: shared.clone(),
             }),
             tcp_target: None,

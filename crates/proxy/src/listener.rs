@@ -110,6 +110,7 @@ async fn handle(stream: TcpStream, addr: SocketAddr, l: Arc<Listener>, ctx: Arc<
         addr,
         source: l.source.clone(),
         tls: false,
+        identity: None,
     };
 
     // Without mTLS a fixed protocol skips detection; with it, we must look for a ClientHello.
@@ -158,6 +159,7 @@ async fn handle(stream: TcpStream, addr: SocketAddr, l: Arc<Listener>, ctx: Arc<
         addr,
         source: accepted.peer.as_ref().map_or_else(Peer::unknown, peer_of),
         tls: true,
+        identity: accepted.peer.clone(),
     };
     let mut io = accepted.io;
     let (detected, prefix) = match (accepted.alpn, fixed(l.protocol)) {

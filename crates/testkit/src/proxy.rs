@@ -211,3 +211,132 @@ pub fn sample(metrics: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f6
         })
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
+
+/// A running `trellis control`.
+pub struct Control {
+    child: Child,
+    dir: TempDir,
+    bin: String,
+    /// gRPC (identity service) address.
+    pub grpc: SocketAddr,
+    /// HTTP API address.
+    pub api: SocketAddr,
+}
+
+impl Control {
+    /// Starts `trellis control` with a fresh state directory and `extra` flags, and waits
+    /// until its API answers.
+    pub async fn start(bin: &str, extra: &[&str]) -> Self {
+        let dir = TempDir::new("control");
+        Self::start_in(bin, dir, extra).await
+    }
+
+    /// Like [`Control::start`] with a given state directory (to restart on the same state).
+    pub async fn start_in(bin: &str, dir: TempDir, extra: &[&str]) -> Self {
+        let (grpc, api) = (free_addr(), free_addr());
+        let err = std::fs::File::create(dir.path().join("control.log")).expect("log file");
+        let child = Command::new(bin)
+            .arg("control")
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(["--grpc", &grpc.to_string(), "--http", &api.to_string()])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .expect("starting trellis control");
+        let c = Self {
+            child,
+            dir,
+            bin: bin.to_string(),
+            grpc,
+            api,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((s, _, _)) = client::http1_get(api, "/api/v1/health", &[]).await {
+                if s == 200 {
+                    return c;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "control plane not ready: {}",
+                c.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The control plane's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("control.log")).unwrap_or_default()
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Runs a `trellis` CLI command against this control plane: (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let out = Command::new(&self.bin)
+            .args(args)
+            .env("TRELLIS_API", self.api.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .expect("running trellis");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Creates a join token with `trellis token create` and writes it to a file.
+    pub fn token(&self, service: &str, namespace: &str, extra: &[&str]) -> PathBuf {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let path = self.dir.path().join(format!(
+            "{service}.{namespace}.{}.token",
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut args = vec![
+            "token",
+            "create",
+            "--service",
+            service,
+            "--namespace",
+            namespace,
+        ];
+        let out = path.to_str().expect("utf-8 path").to_string();
+        args.extend(["--out", &out]);
+        args.extend(extra);
+        let (code, stdout, stderr) = self.cli(&args);
+        assert_eq!(code, Some(0), "token create failed: {stdout}{stderr}");
+        path
+    }
+
+    /// Stops the process (SIGKILL) and hands back its state directory.
+    pub fn kill(mut self) -> TempDir {
+        // SAFETY: kill(2) on our own child's process group.
+        unsafe {
+            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+        let dir = TempDir(std::mem::take(&mut self.dir.0));
+        std::mem::forget(self);
+        dir
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's process group.
+        unsafe {
+            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}

@@ -41,6 +41,8 @@ pub struct ClientConn {
     pub source: Peer,
     /// Whether the connection is mTLS.
     pub tls: bool,
+    /// The peer's verified identity (mTLS).
+    pub identity: Option<trellis_identity::SpiffeId>,
 }
 
 /// Proxy-wide parts the forwarder uses.
@@ -57,6 +59,9 @@ pub struct Shared {
 pub struct Forwarder {
     /// Where requests go.
     pub destination: Destination,
+    /// For inbound listeners: this workload's identity (`By=` of `x-forwarded-client-cert`),
+    /// `Some(None)` when it has none. `None` for outbound listeners.
+    pub inbound_identity: Option<Option<Arc<str>>>,
     /// Proxy-wide parts.
     pub shared: Arc<Shared>,
 }
@@ -123,6 +128,13 @@ impl Forwarder {
         start: Instant,
     ) -> Response<ResponseBody> {
         let request_id = headers::ensure_request_id(req.headers_mut());
+        if let Some(local) = &self.inbound_identity {
+            headers::set_forwarded_client_cert(
+                req.headers_mut(),
+                local.as_deref(),
+                client.identity.as_ref(),
+            );
+        }
         let upgrade = req.version() < Version::HTTP_2 && headers::is_upgrade(req.headers());
         let downstream_version = req.version();
         let authority = authority_of(&req).map(str::to_string);

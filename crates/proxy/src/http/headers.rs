@@ -23,6 +23,28 @@ pub fn take_orig_proto_h1(headers: &mut HeaderMap, trusted: bool) -> bool {
         .is_some_and(|v| trusted && v == "HTTP/1.1")
 }
 
+/// The header telling the app who called (Envoy's and Istio's format).
+pub static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// On inbound requests: drops any client-supplied `x-forwarded-client-cert` (so it cannot be
+/// spoofed) and, for an mTLS caller, sets `By=<this workload>;URI=<caller>`.
+pub fn set_forwarded_client_cert(
+    headers: &mut HeaderMap,
+    local: Option<&str>,
+    peer: Option<&trellis_identity::SpiffeId>,
+) {
+    headers.remove(&XFCC);
+    if let Some(peer) = peer {
+        let value = match local {
+            Some(by) => format!("By={by};URI={peer}"),
+            None => format!("URI={peer}"),
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(XFCC.clone(), v);
+        }
+    }
+}
+
 /// Headers that describe one connection, never forwarded.
 const HOP_BY_HOP: [&str; 8] = [
     "connection",

@@ -1,0 +1,58 @@
+//! A small JSON client for the control plane's HTTP API.
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// Sends one request; returns the JSON body of a 2xx answer, or the API's error message.
+pub async fn call(
+    api: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<Value> {
+    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(api))
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to the control plane API at {api} timed out"))?
+        .with_context(|| {
+            format!(
+                "cannot reach the control plane API at {api} (is `trellis control` running? --api)"
+            )
+        })?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", api)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            body.map(|b| b.to_string()).unwrap_or_default(),
+        )))?;
+    let resp = tokio::time::timeout(Duration::from_secs(30), tx.send_request(req))
+        .await
+        .context("the control plane API did not answer within 30s")??;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if !status.is_success() {
+        let msg = json["error"].as_str().map_or_else(
+            || String::from_utf8_lossy(&bytes).into_owned(),
+            str::to_string,
+        );
+        bail!("{msg} (HTTP {status})");
+    }
+    Ok(json)
+}
+
+/// Runs `f` on a small runtime (CLI commands are one-shot).
+pub fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f))
+}

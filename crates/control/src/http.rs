@@ -1,0 +1,203 @@
+//! The control plane's HTTP API (JSON), used by the `trellis` CLI. Listens on loopback by
+//! default; it can mint tokens, so do not expose it.
+
+use crate::state::{now, State, StateError};
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use trellis_api::duration::Duration as ConfigDuration;
+
+/// What the API handlers share.
+pub struct Api {
+    /// Durable state.
+    pub state: Arc<State>,
+    /// Told when the CA changed, so the serving certificate is re-issued.
+    pub ca_changed: Arc<Notify>,
+    /// Default join token lifetime.
+    pub default_token_ttl: Duration,
+    /// Validity of roots created by a rotation.
+    pub ca_validity: Duration,
+}
+
+/// Serves the API until `shutdown`.
+pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let api = api.clone();
+                async move { Ok::<_, Infallible>(route(&api, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response<Full<Bytes>> {
+    reply(status, json!({ "error": msg.to_string() }))
+}
+
+async fn body_json<T: for<'de> Deserialize<'de>>(
+    req: Request<Incoming>,
+) -> Result<T, Response<Full<Bytes>>> {
+    let bytes = Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    service: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    service_account: Option<String>,
+    #[serde(default)]
+    ttl: Option<ConfigDuration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rotate {
+    step: String,
+}
+
+fn state_error(e: StateError) -> Response<Full<Bytes>> {
+    match e {
+        StateError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
+        other => error(StatusCode::INTERNAL_SERVER_ERROR, other),
+    }
+}
+
+async fn route(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method().clone(), segments.as_slice()) {
+        (Method::GET, ["api", "v1", "health"]) => reply(
+            StatusCode::OK,
+            json!({ "status": "ok", "trust_domain": api.state.trust_domain() }),
+        ),
+        (Method::POST, ["api", "v1", "tokens"]) => {
+            let new: NewToken = match body_json(req).await {
+                Ok(n) => n,
+                Err(r) => return r,
+            };
+            let ttl = new.ttl.map_or(api.default_token_ttl, |d| d.0);
+            let ns = new.namespace.as_deref().unwrap_or("default");
+            match api
+                .state
+                .create_token(&new.service, ns, new.service_account.as_deref(), ttl)
+            {
+                Ok((token, rec)) => reply(
+                    StatusCode::CREATED,
+                    json!({
+                        "token": token,
+                        "id": rec.id,
+                        "identity": format!("spiffe://{}/ns/{}/sa/{}", api.state.trust_domain(), rec.namespace, rec.service_account),
+                        "expires_at": rec.expires_at,
+                    }),
+                ),
+                Err(e) => state_error(e),
+            }
+        }
+        (Method::GET, ["api", "v1", "tokens"]) => {
+            let tokens: Vec<Value> = api
+                .state
+                .tokens()
+                .into_iter()
+                .map(|t| {
+                    json!({
+                        "id": t.id, "service": t.service, "namespace": t.namespace,
+                        "service_account": t.service_account, "created_at": t.created_at,
+                        "expires_at": t.expires_at, "revoked": t.revoked,
+                        "expired": now() >= t.expires_at,
+                    })
+                })
+                .collect();
+            reply(StatusCode::OK, json!({ "tokens": tokens }))
+        }
+        (Method::DELETE, ["api", "v1", "tokens", id]) => match api.state.revoke_token(id) {
+            Ok(rec) => reply(StatusCode::OK, json!({ "id": rec.id, "revoked": true })),
+            Err(StateError::Invalid(m)) => error(StatusCode::NOT_FOUND, m),
+            Err(e) => state_error(e),
+        },
+        (Method::GET, ["api", "v1", "certs"]) => {
+            let ca = api.state.with_ca(|ca| {
+                json!({
+                    "pin": ca.pin(),
+                    "not_after": ca.not_after(),
+                    "trust_roots": ca.bundle().len(),
+                })
+            });
+            reply(
+                StatusCode::OK,
+                json!({
+                    "now": now(),
+                    "ca": ca,
+                    "rotation": api.state.rotation_phase(),
+                    "workloads": api.state.certs(),
+                }),
+            )
+        }
+        (Method::POST, ["api", "v1", "ca", "rotate"]) => {
+            let r: Rotate = match body_json(req).await {
+                Ok(r) => r,
+                Err(resp) => return resp,
+            };
+            match api.state.rotate(&r.step, api.ca_validity) {
+                Ok(phase) => {
+                    api.ca_changed.notify_one();
+                    let (pin, roots) = api.state.with_ca(|ca| (ca.pin(), ca.bundle().len()));
+                    reply(
+                        StatusCode::OK,
+                        json!({ "phase": phase, "signing_pin": pin, "trust_roots": roots }),
+                    )
+                }
+                Err(e) => state_error(e),
+            }
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint: {} {path}", req.method()),
+        ),
+    }
+}

@@ -1,0 +1,184 @@
+//! The Trellis control plane (`trellis control`): the mesh CA and identity service, its
+//! durable state, and the HTTP API the CLI talks to. Discovery and config push join the same
+//! process with the control-plane issue.
+
+pub mod grpc;
+pub mod http;
+pub mod identity;
+pub mod state;
+
+use state::{CaSource, State, StateError};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use trellis_identity::{IdentityStore, SpiffeId};
+
+/// The namespace and service account of the control plane's own identity.
+pub const CONTROL_NAMESPACE: &str = "trellis-system";
+/// See [`CONTROL_NAMESPACE`].
+pub const CONTROL_SERVICE_ACCOUNT: &str = "trellis-control";
+
+/// The control plane's SPIFFE ID in `trust_domain` (what proxies expect when they dial it).
+pub fn control_identity(trust_domain: &str) -> Option<SpiffeId> {
+    SpiffeId::new(trust_domain, CONTROL_NAMESPACE, CONTROL_SERVICE_ACCOUNT).ok()
+}
+
+/// Failures that stop the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// State directory trouble.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The serving certificate could not be made.
+    #[error("serving certificate: {0}")]
+    Serving(String),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// `trellis control` options.
+#[derive(Clone, Debug)]
+pub struct ControlOptions {
+    /// State directory (CA, tokens, ledger).
+    pub state_dir: PathBuf,
+    /// Trust domain of issued identities.
+    pub trust_domain: String,
+    /// gRPC (identity service) address.
+    pub grpc: SocketAddr,
+    /// HTTP API address.
+    pub http: SocketAddr,
+    /// CA source.
+    pub ca: CaSource,
+    /// Lifetime of workload certificates.
+    pub workload_cert_ttl: Duration,
+    /// Default join token lifetime.
+    pub token_ttl: Duration,
+    /// Extra DNS names for the serving certificate.
+    pub dns_names: Vec<String>,
+}
+
+/// Issues the control plane's serving certificate: its mesh identity, `localhost`, loopback
+/// and the listen address, with the CA certificate appended so pinned clients can verify it.
+fn install_serving_cert(
+    state: &State,
+    store: &IdentityStore,
+    opts: &ControlOptions,
+) -> Result<(), ControlError> {
+    let id = control_identity(&opts.trust_domain).ok_or_else(|| {
+        ControlError::Serving(format!("invalid trust domain {}", opts.trust_domain))
+    })?;
+    let mut dns = vec!["localhost".to_string()];
+    dns.extend(opts.dns_names.iter().cloned());
+    let mut ips = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+    if !opts.grpc.ip().is_unspecified() && !ips.contains(&opts.grpc.ip()) {
+        ips.push(opts.grpc.ip());
+    }
+    let (issued, key, ca_pem, bundle) = state
+        .with_ca(|ca| {
+            ca.issue(&id, &dns, &ips, Duration::from_secs(86400))
+                .map(|(i, k)| (i, k, ca.cert_pem(), ca.bundle_pem()))
+        })
+        .map_err(|e| ControlError::Serving(e.to_string()))?;
+    let mut chain = issued.chain_pem;
+    if !chain.contains(ca_pem.trim()) {
+        chain.push_str(&ca_pem);
+    }
+    store
+        .install(&chain, &key, &bundle)
+        .map_err(|e| ControlError::Serving(e.to_string()))?;
+    Ok(())
+}
+
+/// Runs the control plane until SIGTERM or SIGINT.
+pub async fn run(opts: ControlOptions) -> Result<(), ControlError> {
+    let state = {
+        let opts = opts.clone();
+        tokio::task::spawn_blocking(move || {
+            State::open(&opts.state_dir, &opts.trust_domain, &opts.ca)
+        })
+        .await
+        .map_err(|e| ControlError::Serving(e.to_string()))??
+    };
+    let state = Arc::new(state);
+    let store = IdentityStore::new();
+    install_serving_cert(&state, &store, &opts)?;
+
+    let grpc_listener =
+        TcpListener::bind(opts.grpc)
+            .await
+            .map_err(|source| ControlError::Bind {
+                addr: opts.grpc,
+                source,
+            })?;
+    let http_listener =
+        TcpListener::bind(opts.http)
+            .await
+            .map_err(|source| ControlError::Bind {
+                addr: opts.http,
+                source,
+            })?;
+    let shutdown = CancellationToken::new();
+    let ca_changed = Arc::new(Notify::new());
+
+    // Keep the serving certificate fresh, and re-issue it when the CA changes.
+    {
+        let (state, store, opts, changed) = (
+            state.clone(),
+            store.clone(),
+            opts.clone(),
+            ca_changed.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = changed.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(6 * 3600)) => {}
+                }
+                if let Err(e) = install_serving_cert(&state, &store, &opts) {
+                    tracing::error!(error = %e, "renewing the serving certificate failed");
+                }
+            }
+        });
+    }
+    let api = Arc::new(http::Api {
+        state: state.clone(),
+        ca_changed,
+        default_token_ttl: opts.token_ttl,
+        ca_validity: opts.ca.validity,
+    });
+    tokio::spawn(http::serve(http_listener, api, shutdown.clone()));
+    let service = identity::IdentityService {
+        state: state.clone(),
+        cert_ttl: opts.workload_cert_ttl,
+    };
+    let pin = state.with_ca(|ca| ca.pin());
+    tracing::info!(grpc = %opts.grpc, http = %opts.http, trust_domain = %opts.trust_domain, ca_pin = %pin, "control plane ready");
+    let grpc = tokio::spawn(grpc::serve(grpc_listener, store, service, shutdown.clone()));
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| ControlError::Serving(e.to_string()))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| ControlError::Serving(e.to_string()))?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("control plane stopping");
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;
+    Ok(())
+}
