@@ -3,6 +3,7 @@
 
 pub mod duration;
 pub mod names;
+pub mod resources;
 
 /// Generated protobuf types and gRPC stubs.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

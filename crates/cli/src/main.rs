@@ -235,8 +235,15 @@ fn build_runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runti
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
         .unwrap_or(1)
         .max(1);
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+    // One worker: a single-threaded runtime avoids work-stealing overhead entirely.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    builder
         .enable_all()
         .build()
         .context("starting the async runtime")

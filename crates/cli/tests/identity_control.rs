@@ -404,8 +404,12 @@ async fn the_root_ca_rotates_without_downtime() {
                 }
                 n += 1;
                 // Pauses past the idle timeout force fresh handshakes now and then.
-                tokio::time::sleep(Duration::from_millis(if n.is_multiple_of(20) { 1200 } else { 30 }))
-                    .await;
+                tokio::time::sleep(Duration::from_millis(if n.is_multiple_of(20) {
+                    1200
+                } else {
+                    30
+                }))
+                .await;
             }
             n
         })

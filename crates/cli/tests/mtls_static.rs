@@ -373,3 +373,85 @@ async fn identity_files_must_match_the_workload() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn peer_authentication_resources_set_the_mode_per_scope_and_port() {
+    let dir = TempDir::new("peerauthn");
+    let ca = TestCa::new(dir.path());
+    let (app1, app2) = (
+        HttpOrigin::start().await.unwrap(),
+        HttpOrigin::start().await.unwrap(),
+    );
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    // Istio YAML as users write it: mesh-wide STRICT, the namespace PERMISSIVE, and the
+    // workload's second port DISABLE.
+    std::fs::write(
+        policies.join("mesh.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: istio-system\nspec:\n  mtls:\n    mode: STRICT\n",
+    )
+    .unwrap();
+    std::fs::write(
+        policies.join("edtech.yaml"),
+        format!(
+            "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: edtech\n  namespace: edtech\nspec:\n  mtls:\n    mode: PERMISSIVE\n---\n\
+             apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: profile-metrics\n  namespace: edtech\nspec:\n  selector:\n    matchLabels:\n      app: user-profile\n  mtls:\n    mode: UNSET\n  portLevelMtls:\n    {}:\n      mode: DISABLE\n",
+            app2.addr().port()
+        ),
+    )
+    .unwrap();
+    let (admin, in1, in2) = (free_addr(), free_addr(), free_addr());
+    let p = proxy(
+        &format!(
+            "service: user-profile\nnamespace: edtech\nlabels: {{ app: user-profile }}\nadmin: {admin}\noutbound: {{ listen: null }}\n{}\
+             resources: [{}]\n\
+             inbound:\n  - listen: {in1}\n    app: {}\n  - listen: {in2}\n    app: {}\n",
+            ca.workload("edtech", "user-profile").yaml(),
+            policies.display(),
+            app1.addr(),
+            app2.addr()
+        ),
+        admin,
+        &[],
+    )
+    .await;
+    // Port 1: PERMISSIVE (namespace policy over the mesh one): plaintext and mTLS both work.
+    assert_eq!(http1_get(in1, "/echo", &[]).await.unwrap().0, 200);
+    let out = s_client(in1, &cert_args(&ca.workload("edtech", "frontend"))).await;
+    assert!(out.contains("HTTP/1.1 200"), "{out}");
+    // Port 2: DISABLE: plaintext works, and TLS is not terminated (it reaches the app, which
+    // does not speak TLS, so the handshake fails).
+    assert_eq!(http1_get(in2, "/echo", &[]).await.unwrap().0, 200);
+    let out = s_client(in2, &cert_args(&ca.workload("edtech", "frontend"))).await;
+    assert!(!out.contains("HTTP/1.1 200"), "{out}");
+    let (_, config) = p.admin_get("/config").await;
+    assert_eq!(
+        json(config.as_bytes())["resources"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn invalid_peer_authentication_is_refused_with_file_and_line() {
+    let dir = TempDir::new("badpa");
+    let pa = dir.path().join("pa.yaml");
+    std::fs::write(&pa, "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\nspec:\n  mtls:\n    mode: STRIKT\n").unwrap();
+    let file = dir.path().join("p.yaml");
+    std::fs::write(
+        &file,
+        format!("service: grades\nresources: [{}]\n", pa.display()),
+    )
+    .unwrap();
+    let (code, _, err) =
+        trellis_testkit::proxy::run(BIN, &["proxy", "--config", file.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(
+            "pa.yaml:7: PeerAuthentication/strict: spec.mtls.mode: unknown variant `STRIKT`"
+        ),
+        "{err}"
+    );
+}

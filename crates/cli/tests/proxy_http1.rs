@@ -480,9 +480,12 @@ async fn admin_endpoints() {
     let (status, config) = p.admin_get("/config").await;
     assert_eq!(status, 200);
     let config = json(config.as_bytes());
-    assert_eq!(config["service"], "frontend");
-    assert_eq!(config["upstreams"][0]["service"], "user-profile");
-    assert_eq!(config["timeouts"]["connect"], "10s");
+    assert_eq!(config["bootstrap"]["service"], "frontend");
+    assert_eq!(
+        config["bootstrap"]["upstreams"][0]["service"],
+        "user-profile"
+    );
+    assert_eq!(config["bootstrap"]["timeouts"]["connect"], "10s");
     assert_eq!(p.admin_get("/certs").await.0, 200);
     assert_eq!(p.admin_get("/nope").await.0, 404);
     assert_eq!(

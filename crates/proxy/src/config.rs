@@ -23,6 +23,9 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// Resource files hold errors (each names file, line, object and field).
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    Resources(Vec<trellis_api::resources::ResourceError>),
     /// The file was read but a field is wrong.
     #[error("{file}:{line}: {field}: {message}", line = line.map(|l| l.to_string()).unwrap_or_else(|| "?".into()))]
     Invalid {
@@ -99,9 +102,16 @@ pub struct Bootstrap {
     /// Inbound mTLS mode; by default STRICT when the proxy has an identity, else DISABLE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsMode>,
-    /// Istio resources applied locally: not supported yet.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resources: Option<serde_yaml_ng::Value>,
+    /// Files or directories of Istio resources applied locally (PeerAuthentication so far).
+    /// Relative paths are relative to the bootstrap file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<PathBuf>,
+    /// Namespace whose selector-less policies apply mesh-wide (Istio's root namespace).
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
+    /// The resources read from `resources`.
+    #[serde(skip)]
+    pub loaded: Vec<trellis_api::resources::Loaded>,
 }
 
 /// Files holding a static workload identity.
@@ -223,6 +233,9 @@ fn default_namespace() -> String {
 fn default_cluster_domain() -> String {
     DEFAULT_CLUSTER_DOMAIN.to_string()
 }
+fn default_root_namespace() -> String {
+    "istio-system".to_string()
+}
 fn default_trust_domain() -> String {
     DEFAULT_CLUSTER_DOMAIN.to_string()
 }
@@ -255,7 +268,27 @@ impl Bootstrap {
             file: path.to_path_buf(),
             source,
         })?;
-        Self::parse(path, &text)
+        let mut boot = Self::parse(path, &text)?;
+        let mut errors = Vec::new();
+        for p in &boot.resources {
+            if !p.exists() {
+                return Err(ConfigError::Read {
+                    file: p.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "resources: no such file or directory",
+                    ),
+                });
+            }
+            let (ok, errs) = trellis_api::resources::load(p);
+            boot.loaded.extend(ok);
+            errors.extend(errs);
+        }
+        if errors.is_empty() {
+            Ok(boot)
+        } else {
+            Err(ConfigError::Resources(errors))
+        }
     }
 
     /// Parses and validates bootstrap text; `file` is only used in error messages.
@@ -265,11 +298,7 @@ impl Bootstrap {
             let field = e.path().to_string();
             let inner = e.into_inner();
             let line = inner.location().map(|l| l.line());
-            // serde_yaml_ng prefixes its own message with the path; we print ours once.
-            let message = strip_location(&inner.to_string());
-            let message = message
-                .strip_prefix(&format!("{field}: "))
-                .map_or(message.clone(), str::to_string);
+            let message = trellis_api::resources::clean_yaml_message(&inner.to_string(), &field);
             ConfigError::Invalid {
                 file: file.to_path_buf(),
                 line,
@@ -296,6 +325,11 @@ impl Bootstrap {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }
+            }
+        }
+        for p in &mut self.resources {
+            if p.is_relative() {
+                *p = base.join(&*p);
             }
         }
     }
@@ -325,13 +359,6 @@ impl Bootstrap {
 
     /// Cross-field checks. Errors are (field path, text to locate the line, message).
     fn validate(&self) -> Result<(), (String, String, String)> {
-        if self.resources.is_some() {
-            return Err((
-                "resources".into(),
-                "resources:".into(),
-                "local Istio resources are not supported yet in this version of trellis".into(),
-            ));
-        }
         check_name("service", &self.service)?;
         check_name("namespace", &self.namespace)?;
         let mut listens: BTreeMap<SocketAddr, String> = BTreeMap::new();
@@ -416,14 +443,6 @@ fn check_name(field: &str, name: &str) -> Result<(), (String, String, String)> {
     }
 }
 
-/// serde_yaml appends "at line X column Y" to its messages; we print the line ourselves.
-fn strip_location(msg: &str) -> String {
-    match msg.find(" at line ") {
-        Some(i) => msg[..i].to_string(),
-        None => msg.to_string(),
-    }
-}
-
 /// The first line holding `needle`, 1-based.
 fn find_line(text: &str, needle: &str) -> Option<usize> {
     text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
@@ -479,9 +498,7 @@ mod tests {
 
     #[test]
     fn unsupported_fields_are_refused_by_name() {
-        let msg = parse("service: a\nresources: [x.yaml]\n")
-            .unwrap_err()
-            .to_string();
+        let msg = parse("service: a\nresources: 3\n").unwrap_err().to_string();
         assert!(msg.starts_with("proxy.yaml:2: resources:"), "{msg}");
         let msg = parse("service: a\nmtls: SOMETIMES\n")
             .unwrap_err()

@@ -207,11 +207,14 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
             tcp_target: Some(app),
             source: Peer::unknown(),
             peer_label: Arc::from(telemetry::metrics::UNKNOWN),
-            tls: match (&identity, mtls) {
-                (Some(store), config::MtlsMode::Strict | config::MtlsMode::Permissive) => {
-                    Some(tls::InboundTls::new(mtls, store))
+            tls: match (&identity, inbound_mode(&boot, mtls, inb.app.port())) {
+                (_, config::MtlsMode::Disable) => None,
+                (Some(store), mode) => Some(tls::InboundTls::new(mode, store)),
+                (None, mode) => {
+                    return Err(ProxyError::Identity(format!(
+                        "PeerAuthentication asks for {mode:?} on {field}, but this proxy has no identity"
+                    )))
                 }
-                _ => None,
             },
         };
         listeners.push((bind(inb.listen, &field).await?, Arc::new(l)));
@@ -291,7 +294,11 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
         metrics: metrics.clone(),
         ready: Default::default(),
         draining: Default::default(),
-        config_json: serde_json::to_string_pretty(&boot).unwrap_or_default(),
+        config_json: serde_json::to_string_pretty(&serde_json::json!({
+            "bootstrap": &boot,
+            "resources": &boot.loaded,
+        }))
+        .unwrap_or_default(),
         identity: identity.clone(),
         shutdown_requested: CancellationToken::new(),
     });
@@ -329,6 +336,30 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
         tracing::info!("drained");
     }
     Ok(())
+}
+
+/// The mTLS mode of the inbound port whose app listens on `app_port`: PeerAuthentication
+/// resources (workload, namespace, mesh scope) over the bootstrap's `mtls` default.
+fn inbound_mode(boot: &Bootstrap, default: config::MtlsMode, app_port: u16) -> config::MtlsMode {
+    use trellis_api::resources::peer_authentication::{effective_mode, Workload};
+    use trellis_api::resources::{PeerMode, Resource};
+    let policies = boot.loaded.iter().map(|l| match &l.resource {
+        Resource::PeerAuthentication(p) => p,
+    });
+    let default = match default {
+        config::MtlsMode::Strict => PeerMode::Strict,
+        config::MtlsMode::Permissive => PeerMode::Permissive,
+        config::MtlsMode::Disable => PeerMode::Disable,
+    };
+    let workload = Workload {
+        namespace: &boot.namespace,
+        labels: &boot.labels,
+    };
+    match effective_mode(policies, &workload, app_port, &boot.root_namespace, default) {
+        PeerMode::Strict => config::MtlsMode::Strict,
+        PeerMode::Permissive => config::MtlsMode::Permissive,
+        PeerMode::Disable | PeerMode::Unset => config::MtlsMode::Disable,
+    }
 }
 
 /// The static identity of the bootstrap file, checked against this workload's name.
