@@ -1,13 +1,12 @@
-//! `trellis demo`: two services of an education platform, each behind its own
-//! `trellis proxy` process, with a gentle load generator.
+//! `trellis demo`: an education platform on a real mesh.
 //!
-//! ```text
-//! load -> frontend proxy (inbound) -> frontend app -> frontend proxy (outbound, HTTP proxy)
-//!      -> user-profile proxy (inbound) -> user-profile app
-//! ```
-//! The control-plane issue grows this into the full mesh; until then each proxy runs from a
-//! static bootstrap file written to a temporary directory.
+//! A `trellis control` process (CA and identity service), and six services, each a tiny
+//! built-in HTTP app behind its own `trellis proxy` process that joined with a token and talks
+//! mTLS to the others: `frontend` calls `user-authentication`, `user-profile`,
+//! `content-delivery`, `exam-engine` and `scoring-service`. A gentle load generator calls the
+//! frontend. Ctrl-C (or `--duration`) stops everything cleanly.
 
+use crate::api_client::call;
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -36,40 +35,70 @@ pub struct DemoArgs {
     rps: u32,
 }
 
+/// The services the frontend calls.
+const BACKENDS: [&str; 5] = [
+    "user-authentication",
+    "user-profile",
+    "content-delivery",
+    "exam-engine",
+    "scoring-service",
+];
+const NAMESPACE: &str = "edtech";
+
+const PEER_AUTHENTICATION: &str = "\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: istio-system
+spec:
+  mtls:
+    mode: STRICT
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: frontend-edge
+  namespace: edtech
+spec:
+  selector:
+    matchLabels:
+      app: frontend
+  mtls:
+    mode: PERMISSIVE
+";
+
 fn free_port() -> anyhow::Result<SocketAddr> {
     let l = StdListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr()?)
 }
 
-/// A child `trellis proxy`, stopped with SIGTERM (graceful drain) when dropped.
-struct ProxyProcess {
-    name: &'static str,
+/// A child process of ours, stopped with SIGTERM (graceful drain) when dropped.
+struct Child_ {
+    name: String,
     child: Child,
-    admin: SocketAddr,
 }
 
-impl ProxyProcess {
-    fn start(
-        name: &'static str,
-        dir: &Path,
-        yaml: &str,
-        admin: SocketAddr,
-    ) -> anyhow::Result<Self> {
-        let file: PathBuf = dir.join(format!("{name}.yaml"));
-        std::fs::write(&file, yaml)?;
+impl Child_ {
+    fn spawn(name: &str, dir: &Path, args: &[String]) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locating the trellis binary")?;
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
         let child = Command::new(exe)
-            .args(["proxy", "--config"])
-            .arg(&file)
-            .args(["--drain-timeout", "2s", "--log-level", "warn"])
+            .args(args)
+            .env("TRELLIS_LOG", "info")
             .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
             .spawn()
-            .with_context(|| format!("starting the {name} proxy"))?;
-        Ok(Self { name, child, admin })
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self {
+            name: name.to_string(),
+            child,
+        })
     }
 }
 
-impl Drop for ProxyProcess {
+impl Drop for Child_ {
     fn drop(&mut self) {
         // SAFETY: kill(2) on our own child's pid.
         unsafe {
@@ -84,7 +113,7 @@ impl Drop for ProxyProcess {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        eprintln!("{} proxy did not drain in time; killed", self.name);
+        eprintln!("{} did not stop in time; killed", self.name);
     }
 }
 
@@ -96,7 +125,7 @@ async fn http_get(addr: SocketAddr, target: &str, host: &str) -> anyhow::Result<
     let req = Request::get(target)
         .header("host", host)
         .body(Full::new(Bytes::new()))?;
-    let resp = tx.send_request(req).await?;
+    let resp = tokio::time::timeout(StdDuration::from_secs(5), tx.send_request(req)).await??;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();
     Ok((status, body))
@@ -130,15 +159,65 @@ fn json_response(status: u16, body: serde_json::Value) -> Response<Full<Bytes>> 
     r
 }
 
-async fn wait_ready(admin: SocketAddr, name: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + StdDuration::from_secs(10);
+async fn wait_until(what: &str, mut ok: impl AsyncFnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + StdDuration::from_secs(15);
     while Instant::now() < deadline {
-        if let Ok((200, _)) = http_get(admin, "/ready", "localhost").await {
+        if ok().await {
             return Ok(());
         }
         tokio::time::sleep(StdDuration::from_millis(50)).await;
     }
-    bail!("the {name} proxy did not become ready within 10s")
+    bail!("{what} within 15s (logs are in the demo directory)")
+}
+
+/// One service of the demo: its app, proxy and addresses.
+struct Service {
+    name: &'static str,
+    admin: SocketAddr,
+    inbound: SocketAddr,
+    app: TcpListener,
+}
+
+impl Service {
+    async fn new(name: &'static str) -> anyhow::Result<Self> {
+        Ok(Self {
+            name,
+            admin: free_port()?,
+            inbound: free_port()?,
+            app: TcpListener::bind("127.0.0.1:0").await?,
+        })
+    }
+
+    fn bootstrap(
+        &self,
+        outbound: Option<SocketAddr>,
+        upstreams: &[&Service],
+        policies: &Path,
+    ) -> anyhow::Result<String> {
+        let mut yaml = format!(
+            "service: {}\nnamespace: {NAMESPACE}\nlabels: {{ app: {}, version: v1 }}\nadmin: {}\n\
+             resources: [{}]\n\
+             outbound: {{ listen: {} }}\n\
+             inbound:\n  - listen: {}\n    app: {}\n",
+            self.name,
+            self.name,
+            self.admin,
+            policies.display(),
+            outbound.map_or("null".into(), |a| a.to_string()),
+            self.inbound,
+            self.app.local_addr()?,
+        );
+        if !upstreams.is_empty() {
+            yaml.push_str("upstreams:\n");
+            for u in upstreams {
+                yaml.push_str(&format!(
+                    "  - service: {}\n    endpoints: [{}]\n    identity: spiffe://cluster.local/ns/{NAMESPACE}/sa/{}\n    timeout: 2s\n",
+                    u.name, u.inbound, u.name
+                ));
+            }
+        }
+        Ok(yaml)
+    }
 }
 
 /// Runs the demo until Ctrl-C or `--duration`.
@@ -150,110 +229,170 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     rt.block_on(run_async(args))
 }
 
+async fn start_proxy(
+    svc: &Service,
+    yaml: String,
+    dir: &Path,
+    api: &str,
+    grpc: SocketAddr,
+) -> anyhow::Result<Child_> {
+    let created = call(
+        api,
+        "POST",
+        "/api/v1/tokens",
+        Some(serde_json::json!({ "service": svc.name, "namespace": NAMESPACE, "ttl": "1h" })),
+    )
+    .await?;
+    let token_file: PathBuf = dir.join(format!("{}.token", svc.name));
+    std::fs::write(&token_file, created["token"].as_str().unwrap_or_default())?;
+    let config = dir.join(format!("{}.yaml", svc.name));
+    std::fs::write(&config, yaml)?;
+    Child_::spawn(
+        svc.name,
+        dir,
+        &[
+            "proxy".into(),
+            "--config".into(),
+            config.display().to_string(),
+            "--control".into(),
+            grpc.to_string(),
+            "--token".into(),
+            token_file.display().to_string(),
+            "--drain-timeout".into(),
+            "2s".into(),
+        ],
+    )
+}
+
 async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("trellis-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-
-    let profile_app = TcpListener::bind("127.0.0.1:0").await?;
-    let frontend_app = TcpListener::bind("127.0.0.1:0").await?;
-    let profile_app_addr = profile_app.local_addr()?;
-    let frontend_app_addr = frontend_app.local_addr()?;
-    let (profile_in, profile_admin) = (free_port()?, free_port()?);
-    let (frontend_in, frontend_out, frontend_admin) = (free_port()?, free_port()?, free_port()?);
-
-    let profile_proxy = ProxyProcess::start(
-        "user-profile",
+    let (grpc, http) = (free_port()?, free_port()?);
+    let api = http.to_string();
+    let control = Child_::spawn(
+        "control",
         &dir,
-        &format!(
-            "service: user-profile\nnamespace: edtech\nlabels: {{ app: user-profile, version: v1 }}\n\
-             admin: {profile_admin}\noutbound: {{ listen: null }}\n\
-             inbound:\n  - listen: {profile_in}\n    app: {profile_app_addr}\n"
-        ),
-        profile_admin,
+        &[
+            "control".into(),
+            "--state-dir".into(),
+            dir.join("control-state").display().to_string(),
+            "--grpc".into(),
+            grpc.to_string(),
+            "--http".into(),
+            api.clone(),
+        ],
     )?;
-    let frontend_proxy = ProxyProcess::start(
-        "frontend",
-        &dir,
-        &format!(
-            "service: frontend\nnamespace: edtech\nlabels: {{ app: frontend, version: v1 }}\n\
-             admin: {frontend_admin}\noutbound: {{ listen: {frontend_out} }}\n\
-             inbound:\n  - listen: {frontend_in}\n    app: {frontend_app_addr}\n\
-             upstreams:\n  - service: user-profile\n    endpoints: [{profile_in}]\n    timeout: 2s\n"
-        ),
-        frontend_admin,
-    )?;
+    wait_until("the control plane did not start", async || {
+        call(&api, "GET", "/api/v1/health", None).await.is_ok()
+    })
+    .await?;
 
-    tokio::spawn(serve_app(
-        profile_app,
-        |req: Request<Incoming>| async move {
-            let id = req
-                .uri()
-                .path()
-                .rsplit('/')
-                .next()
-                .unwrap_or("0")
-                .to_string();
+    let mut backends = Vec::new();
+    for name in BACKENDS {
+        backends.push(Service::new(name).await?);
+    }
+    let frontend = Service::new("frontend").await?;
+    let frontend_out = free_port()?;
+    // Istio YAML, as a team would keep it in Git: mTLS STRICT mesh-wide, except that the
+    // frontend, the edge of the platform, also takes plaintext from browsers.
+    let policies = dir.join("peer-authentication.yaml");
+    std::fs::write(&policies, PEER_AUTHENTICATION)?;
+    let mut proxies = Vec::new();
+    for b in &backends {
+        proxies.push(start_proxy(b, b.bootstrap(None, &[], &policies)?, &dir, &api, grpc).await?);
+    }
+    let upstreams: Vec<&Service> = backends.iter().collect();
+    let yaml = frontend.bootstrap(Some(frontend_out), &upstreams, &policies)?;
+    proxies.push(start_proxy(&frontend, yaml, &dir, &api, grpc).await?);
+
+    // The apps: each backend answers with a small JSON document; the frontend calls them all
+    // through its proxy, as an unmodified app using http_proxy would.
+    let mut admins = Vec::new();
+    for b in backends {
+        let name = b.name;
+        admins.push((name, b.admin));
+        tokio::spawn(serve_app(b.app, move |req: Request<Incoming>| async move {
             json_response(
                 200,
-                serde_json::json!({"user": id, "name": format!("student-{id}"), "courses": 3}),
+                serde_json::json!({ "service": name, "path": req.uri().path() }),
             )
-        },
-    ));
+        }));
+    }
+    admins.push(("frontend", frontend.admin));
     tokio::spawn(serve_app(
-        frontend_app,
+        frontend.app,
         move |_req: Request<Incoming>| async move {
-            // The frontend reaches user-profile through its proxy, as an HTTP proxy client.
-            match http_get(
-                frontend_out,
-                "http://user-profile.edtech/profile/7",
-                "user-profile.edtech",
-            )
-            .await
-            {
-                Ok((200, body)) => {
-                    let profile: serde_json::Value =
-                        serde_json::from_slice(&body).unwrap_or_default();
-                    json_response(
-                        200,
-                        serde_json::json!({"page": "dashboard", "profile": profile}),
-                    )
+            let mut parts = serde_json::Map::new();
+            for name in BACKENDS {
+                let target = format!("http://{name}.{NAMESPACE}/api/v1/student/7");
+                match http_get(frontend_out, &target, &format!("{name}.{NAMESPACE}")).await {
+                    Ok((200, body)) => {
+                        parts.insert(
+                            name.into(),
+                            serde_json::from_slice(&body).unwrap_or_default(),
+                        );
+                    }
+                    Ok((code, _)) => {
+                        return json_response(
+                            502,
+                            serde_json::json!({ "error": format!("{name} answered {code}") }),
+                        )
+                    }
+                    Err(e) => {
+                        return json_response(
+                            502,
+                            serde_json::json!({ "error": format!("{name}: {e}") }),
+                        )
+                    }
                 }
-                Ok((code, _)) => json_response(
-                    502,
-                    serde_json::json!({"error": format!("user-profile answered {code}")}),
-                ),
-                Err(e) => json_response(502, serde_json::json!({"error": e.to_string()})),
             }
+            json_response(
+                200,
+                serde_json::json!({ "page": "dashboard", "parts": parts }),
+            )
         },
     ));
+    for (name, admin) in &admins {
+        wait_until(&format!("the {name} proxy was not ready"), async || {
+            matches!(http_get(*admin, "/ready", "localhost").await, Ok((200, _)))
+        })
+        .await?;
+    }
 
-    wait_ready(profile_proxy.admin, profile_proxy.name).await?;
-    wait_ready(frontend_proxy.admin, frontend_proxy.name).await?;
-
-    println!("Trellis demo is running.");
-    println!("  frontend (through its proxy):  curl http://{frontend_in}/");
-    println!("  user-profile via the mesh:     curl -x http://{frontend_out} http://user-profile.edtech/profile/1");
-    println!("  frontend proxy metrics:        curl http://{frontend_admin}/metrics");
-    println!("  user-profile proxy metrics:    curl http://{profile_admin}/metrics");
-    println!("  effective config:              curl http://{frontend_admin}/config");
+    println!("Trellis demo is running: a control plane and six services, mTLS between every pair.");
     println!(
-        "Load: {} requests/s to the frontend. Ctrl-C stops everything.",
-        args.rps
+        "  the frontend (through its proxy):   curl http://{}/",
+        frontend.inbound
     );
+    println!("  identities and expiry:              trellis certs --api {api}");
+    println!("  health checks:                      trellis check --api {api}");
+    println!(
+        "  frontend proxy metrics:             curl http://{}/metrics",
+        frontend.admin
+    );
+    println!(
+        "  a backend proxy's certificate:      curl http://{}/certs",
+        admins[1].1
+    );
+    println!("  logs and configs:                   {}", dir.display());
+    println!("Load: {} requests/s to the frontend (each fans out to 5 services). Ctrl-C stops everything.", args.rps);
 
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let load = {
-        let (ok, failed) = (ok.clone(), failed.clone());
+        let (ok, failed, target) = (ok.clone(), failed.clone(), frontend.inbound);
         let period = StdDuration::from_secs_f64(1.0 / f64::from(args.rps.max(1)));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
-                match http_get(frontend_in, "/", "frontend.edtech").await {
-                    Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
+                let (ok, failed) = (ok.clone(), failed.clone());
+                tokio::spawn(async move {
+                    match http_get(target, "/", "frontend.edtech").await {
+                        Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                });
             }
         })
     };
@@ -281,9 +420,11 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     }
     load.abort();
     report.abort();
+    // Let requests already sent finish before the proxies drain.
+    tokio::time::sleep(StdDuration::from_millis(300)).await;
     println!("stopping...");
-    drop(frontend_proxy);
-    drop(profile_proxy);
+    drop(proxies);
+    drop(control);
     let _ = std::fs::remove_dir_all(&dir);
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     println!("demo finished: {ok} requests ok, {failed} failed");
