@@ -457,3 +457,89 @@ async fn the_root_ca_rotates_without_downtime() {
     let (code, out, _) = control.cli(&["ca", "rotate", "--step", "activate"]);
     assert_ne!(code, Some(0), "out of order: {out}");
 }
+
+#[tokio::test]
+async fn a_restarted_proxy_gets_a_fresh_certificate_with_the_same_token() {
+    let control = Control::start(BIN, &[]).await;
+    let token = control.token("grades", "edtech", &[]);
+    let admin = free_addr();
+    let yaml = format!(
+        "service: grades\nnamespace: edtech\nadmin: {admin}\noutbound: {{ listen: null }}\n"
+    );
+    let serial = |p: &Trellis| {
+        let admin = p.admin();
+        async move {
+            json(&http1_get(admin, "/certs", &[]).await.unwrap().2)["serial"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let first = joined(&control, &token, &yaml, admin, &[]).await;
+    let s1 = serial(&first).await;
+    drop(first);
+    let second = joined(&control, &token, &yaml, admin, &[]).await;
+    let s2 = serial(&second).await;
+    assert_ne!(s1, s2);
+}
+
+#[tokio::test]
+async fn mesh_tls_is_1_2_at_least_and_1_3_by_preference() {
+    let control = Control::start(BIN, &[]).await;
+    let p = pair(&control, "").await;
+    let inbound = json(p.profile.admin_get("/config").await.1.as_bytes())["bootstrap"]["inbound"]
+        [0]["listen"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A client certificate from the same CA, issued offline with `trellis ca issue`.
+    let certs = TempDir::new("probe-certs");
+    let out_dir = certs.path().to_str().unwrap().to_string();
+    let state = control.state_dir().to_str().unwrap().to_string();
+    let (code, out, err) = control.cli(&[
+        "ca",
+        "issue",
+        "--state-dir",
+        &state,
+        "--service",
+        "prober",
+        "--namespace",
+        "edtech",
+        "--out-dir",
+        &out_dir,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (cert, key) = (
+        format!("{out_dir}/prober.pem"),
+        format!("{out_dir}/prober-key.pem"),
+    );
+    let probe = |version: &'static str| {
+        let (inbound, cert, key) = (inbound.clone(), cert.clone(), key.clone());
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new("openssl")
+                .args([
+                    "s_client", "-connect", &inbound, version, "-brief", "-cert", &cert, "-key",
+                    &key,
+                ])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("openssl");
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    let tls11 = probe("-tls1_1").await.unwrap();
+    assert!(!tls11.contains("Protocol version: TLSv1.1"), "{tls11}");
+    let any = probe("-tls1_2").await.unwrap();
+    assert!(any.contains("TLSv1.2"), "TLS 1.2 is accepted: {any}");
+    assert!(
+        any.contains("GCM") || any.contains("CHACHA20"),
+        "AEAD only: {any}"
+    );
+    let best = probe("-verify_quiet").await.unwrap(); // no version flag: the default offer
+    assert!(best.contains("TLSv1.3"), "TLS 1.3 preferred: {best}");
+    drop(p.frontend);
+}
