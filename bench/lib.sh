@@ -12,6 +12,7 @@
 : "${RATE:=2000}"          # open-loop request rate for oha (requests/s)
 : "${CONNS:=64}"           # connections for both wrk and oha
 : "${WARMUP:=2}"           # seconds of unrecorded wrk load before measuring
+: "${REPEAT:=2}"           # closed-loop wrk runs per proxy start
 : "${PROXY_CPU:=0}"
 : "${LOAD_CPU:=1}"
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -171,6 +172,11 @@ check_ok() {
   [ "$body" = $'ok\n 200' ] || [ "$body" = 'ok 200' ] || { log "unexpected answer from $1: $body"; return 1; }
 }
 
+# origin_conns PORT: established TCP connections to 127.0.0.1:PORT (counted at the client side).
+origin_conns() {
+  ss -Htn state established "( dport = :$1 )" 2>/dev/null | wc -l
+}
+
 # ---- memory and CPU ----------------------------------------------------------------------------
 
 # Sum of VmRSS (kB) over the given PIDs.
@@ -217,7 +223,71 @@ rss_sampler_start() {
   BENCH_PIDS+=("$BENCH_LAST_PID")
 }
 
+# median DECIMALS VALUE...: median (mean of the two middle values for an even count), rounded.
+median() {
+  local dec=$1
+  shift
+  [ "$#" -gt 0 ] || return 0
+  printf '%s\n' "$@" | sort -g | awk -v d="$dec" '{ a[NR] = $1 } END {
+    m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2
+    s = sprintf("%." d "f", m); if (d > 0) { sub(/0+$/, "", s); sub(/\.$/, "", s) } print s }'
+}
+
 kb_to_mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+
+# Percent of all CPUs busy over SECONDS (default 2), read from /proc/stat (steal counts as busy).
+cpu_busy_pct() {
+  local secs=${1:-2} a b
+  a=$(awk '/^cpu / { print $2+$3+$4+$7+$8+$9, $5+$6 }' /proc/stat)
+  sleep "$secs"
+  b=$(awk '/^cpu / { print $2+$3+$4+$7+$8+$9, $5+$6 }' /proc/stat)
+  awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
+    busy = y[1] - x[1]; idle = y[2] - x[2]; printf "%.0f", 100 * busy / (busy + idle + 0.001) }'
+}
+
+# wait_quiet [MAX_S]: wait (up to MAX_S, default $QUIET_WAIT or 600) until at most $QUIET_PCT
+# (default 10) percent of the CPUs are busy, so that a build running alongside does not land in
+# the numbers. Sets QUIET_BUSY to the last reading; returns 1 if the machine never got quiet.
+wait_quiet() {
+  local max=${1:-${QUIET_WAIT:-600}} limit=${QUIET_PCT:-10} start=$SECONDS
+  while :; do
+    QUIET_BUSY=$(cpu_busy_pct 2)
+    [ "$QUIET_BUSY" -le "$limit" ] && return 0
+    if [ $((SECONDS - start)) -ge "$max" ]; then
+      log "machine still ${QUIET_BUSY}% busy after ${max}s; measuring anyway"
+      return 1
+    fi
+    log "machine ${QUIET_BUSY}% busy (other work); waiting for it to be quiet"
+    sleep 10
+  done
+}
+
+# Foreign CPU: machine user+nice+system ticks minus the ticks of our own processes (the given
+# long-lived PIDs plus every child this shell reaped, i.e. the load generators), as a percent of
+# all CPUs over the window. Call foreign_begin PID... / foreign_end PID... in the main shell (not in
+# $(...)); foreign_end sets FOREIGN_PCT. A few percent is measurement noise; more means something
+# else ran during the measurement.
+_machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }  # user nice system irq softirq
+_reaped_ticks() { # VAR: user+sys CPU of this shell's reaped children, in clock ticks
+  local f="$BENCH_TMP/times.out"
+  times >"$f"
+  printf -v "$1" '%s' "$(awk -v hz="$(getconf CLK_TCK)" 'NR == 2 { t = 0
+      for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] }
+      printf "%.0f", t * hz }' "$f")"
+}
+foreign_begin() {
+  _FB_MACHINE=$(_machine_ticks)
+  _reaped_ticks _FB_REAPED
+  _FB_OURS=$(cpu_ticks "$@")
+  _FB_T0=$(date +%s.%N)
+}
+foreign_end() {
+  local m r o t1
+  m=$(_machine_ticks); _reaped_ticks r; o=$(cpu_ticks "$@"); t1=$(date +%s.%N)
+  FOREIGN_PCT=$(awk -v dm=$((m - _FB_MACHINE)) -v dr=$((r - _FB_REAPED)) -v do_=$((o - _FB_OURS)) \
+    -v dt="$(awk -v a="$_FB_T0" -v b="$t1" 'BEGIN { print b - a }')" -v hz="$(getconf CLK_TCK)" \
+    -v n="$(nproc)" 'BEGIN { f = dm - dr - do_; if (f < 0) f = 0; printf "%.0f", 100 * f / (dt * hz * n) }')
+}
 
 # ---- load generators (on $LOAD_CPU) ------------------------------------------------------------
 
@@ -240,15 +310,11 @@ wrk_sockerr() { # "connect a, read b, write c, timeout d" -> a+b+c+d
 # corrected for coordinated omission (measured from each request's scheduled send time). JSON out.
 run_oha() {
   local out=$1 url=$2 secs=${3:-$DURATION}
-  local cmd=(taskset -c "$LOAD_CPU" oha -z "${secs}s" -q "$RATE" -c "$CONNS" --latency-correction
-             --disable-keepalive=false --no-tui --output-format json "$url")
-  # oha has no --disable-keepalive=false; keep-alive is its default. Drop that element.
-  cmd=("${cmd[@]/--disable-keepalive=false/}")
-  local clean=()
-  local a
-  for a in "${cmd[@]}"; do [ -n "$a" ] && clean+=("$a"); done
-  echo "+ ${clean[*]}" >>"$BENCH_TMP/commands.log"
-  timeout $((secs + 30)) "${clean[@]}" >"$out" 2>"$out.err"
+  # -w: at the deadline wait for in-flight requests instead of counting them as aborted.
+  local cmd=(taskset -c "$LOAD_CPU" oha -z "${secs}s" -w -q "$RATE" -c "$CONNS"
+             --latency-correction --no-tui --output-format json "$url")
+  echo "+ ${cmd[*]}" >>"$BENCH_TMP/commands.log"
+  timeout $((secs + 30)) "${cmd[@]}" >"$out" 2>"$out.err"
 }
 
 # oha_ms FILE pNN -> latency in ms (2 decimals)

