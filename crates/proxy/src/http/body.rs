@@ -15,15 +15,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-/// A request body forwarded upstream, counting its bytes.
+/// A request body forwarded upstream, counting its bytes when someone wants to know.
 pub struct RequestBody {
     inner: Option<Incoming>,
-    bytes: Arc<AtomicU64>,
+    bytes: Option<Arc<AtomicU64>>,
 }
 
 impl RequestBody {
-    /// Wraps a received body; `bytes` accumulates the data bytes that pass.
-    pub fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
+    /// Wraps a received body; `bytes`, when given, accumulates the data bytes that pass.
+    pub fn new(inner: Incoming, bytes: Option<Arc<AtomicU64>>) -> Self {
         Self {
             inner: Some(inner),
             bytes,
@@ -34,7 +34,7 @@ impl RequestBody {
     pub fn empty() -> Self {
         Self {
             inner: None,
-            bytes: Arc::default(),
+            bytes: None,
         }
     }
 }
@@ -51,9 +51,9 @@ impl Body for RequestBody {
             return Poll::Ready(None);
         };
         let res = ready!(Pin::new(inner).poll_frame(cx));
-        if let Some(Ok(frame)) = &res {
+        if let (Some(Ok(frame)), Some(bytes)) = (&res, &self.bytes) {
             if let Some(data) = frame.data_ref() {
-                self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
             }
         }
         Poll::Ready(res)

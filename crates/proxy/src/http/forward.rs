@@ -206,8 +206,9 @@ impl Forwarder {
         if let Err(msg) = set_upstream_target(&mut req, authority.as_deref(), endpoint.addr(), h2) {
             return respond::error(StatusCode::BAD_REQUEST, "bad-target", msg, Some(exchange));
         }
-        let bytes_in = Arc::new(AtomicU64::new(0));
-        exchange.bytes_in = Some(bytes_in.clone());
+        // Request bytes are only reported in the access log: count them only then.
+        let bytes_in = exchange.log.is_some().then(|| Arc::new(AtomicU64::new(0)));
+        exchange.bytes_in = bytes_in.clone();
         let req = req.map(|b| RequestBody::new(b, bytes_in));
 
         let sent = send(&endpoint, req, h2);

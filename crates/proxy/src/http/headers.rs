@@ -45,17 +45,22 @@ pub fn set_forwarded_client_cert(
     }
 }
 
-/// Headers that describe one connection, never forwarded.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "proxy-authenticate",
-    "proxy-authorization",
-];
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// Whether `name` describes one connection and is never forwarded (RFC 9110 §7.6.1).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TE
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == PROXY_CONNECTION
+        || name == KEEP_ALIVE
+}
 
 /// Whether an HTTP/1 request asks for a protocol upgrade (e.g. WebSocket).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
@@ -75,31 +80,51 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 ///
 /// `TE: trailers` survives (gRPC over HTTP/2 requires it). With `keep_upgrade` the
 /// `Upgrade` header and `Connection: upgrade` are kept so an upgrade can pass through.
+/// The common case, no such header at all, costs one pass over the names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let te_trailers = headers
         .get_all(header::TE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    for name in named {
-        if keep_upgrade && name == header::UPGRADE {
-            continue;
+    // Usually one Connection line: take it without collecting; several are all honoured.
+    let lines: Vec<HeaderValue> = if headers.get_all(header::CONNECTION).iter().nth(1).is_some() {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let single = headers.remove(header::CONNECTION);
+    for value in single.iter().chain(lines.iter()) {
+        let Ok(value) = value.to_str() else { continue };
+        for token in value.split(',') {
+            match HeaderName::from_bytes(token.trim().as_bytes()) {
+                Ok(name) if !(keep_upgrade && name == header::UPGRADE) => {
+                    headers.remove(name);
+                }
+                _ => {}
+            }
         }
+    }
+    for name in [
+        &header::TRANSFER_ENCODING,
+        &header::TE,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &PROXY_CONNECTION,
+        &KEEP_ALIVE,
+    ] {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        if keep_upgrade && name == "upgrade" {
-            continue;
-        }
-        headers.remove(name);
+    if !keep_upgrade {
+        headers.remove(header::UPGRADE);
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -126,7 +151,7 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
 
 /// The trace id of a W3C `traceparent` header (`00-<trace id>-<span id>-<flags>`).
 pub fn trace_id(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get("traceparent")?.to_str().ok()?;
+    let v = headers.get(&TRACEPARENT)?.to_str().ok()?;
     let mut parts = v.split('-');
     let _version = parts.next()?;
     let id = parts.next()?;
@@ -136,7 +161,7 @@ pub fn trace_id(headers: &HeaderMap) -> Option<&str> {
 /// The `grpc-status` code in a header map (response headers or trailers).
 pub fn grpc_status(headers: &HeaderMap) -> Option<u16> {
     headers
-        .get("grpc-status")?
+        .get(&GRPC_STATUS)?
         .to_str()
         .ok()?
         .trim()
@@ -173,6 +198,18 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn every_connection_line_is_honoured() {
+        let mut h = map(&[
+            ("connection", "close"),
+            ("connection", "x-secret"),
+            ("x-secret", "1"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
     }
 
     #[test]
