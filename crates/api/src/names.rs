@@ -169,3 +169,30 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// No input panics, and every spelling of a service host names the same service.
+        #[test]
+        fn parse_is_total(host in "\\PC{0,80}") {
+            let _ = HostName::parse(&host, DEFAULT_CLUSTER_DOMAIN);
+        }
+
+        #[test]
+        fn spellings_agree(name in "[a-z][a-z0-9-]{0,20}", ns in "[a-z][a-z0-9-]{0,20}", port in 1u16..) {
+            let short = HostName::parse(&format!("{name}.{ns}"), DEFAULT_CLUSTER_DOMAIN).unwrap();
+            for host in [
+                format!("{name}.{ns}.svc.cluster.local"),
+                format!("{}.{}.SVC.cluster.local.", name.to_uppercase(), ns),
+                format!("{name}.{ns}:{port}"),
+            ] {
+                let h = HostName::parse(&host, DEFAULT_CLUSTER_DOMAIN).unwrap();
+                prop_assert_eq!((&h.name, &h.namespace), (&short.name, &short.namespace));
+            }
+        }
+    }
+}

@@ -506,3 +506,19 @@ mod tests {
         assert!(msg.starts_with("proxy.yaml:2: mtls:"), "{msg}");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// No file content panics the bootstrap parser; errors always name the file.
+        #[test]
+        fn parse_is_total(text in "\\PC{0,200}") {
+            if let Err(e) = Bootstrap::parse(Path::new("p.yaml"), &text) {
+                prop_assert!(e.to_string().starts_with("p.yaml"));
+            }
+        }
+    }
+}

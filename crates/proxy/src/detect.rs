@@ -217,3 +217,30 @@ mod tests {
         assert_eq!(all, "GET / HTTP/1.1\r\nrest");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any bytes get a verdict without panicking, and a verdict once reached never changes
+        /// as more bytes arrive (detection is stable).
+        #[test]
+        fn classification_is_total_and_stable(bytes in proptest::collection::vec(any::<u8>(), 0..64), extra in proptest::collection::vec(any::<u8>(), 0..16)) {
+            let first = classify(&bytes);
+            if let Verdict::Done(d) = first {
+                let mut longer = bytes.clone();
+                longer.extend_from_slice(&extra);
+                prop_assert_eq!(classify(&longer), Verdict::Done(d));
+            }
+        }
+
+        /// Whatever the prefix, a request line is detected as HTTP/1 and the preface as HTTP/2.
+        #[test]
+        fn http_is_recognised(method in "[A-Z]{1,12}", path in "/[a-z0-9/]{0,20}") {
+            let line = format!("{method} {path} HTTP/1.1\r\n");
+            prop_assert_eq!(classify(line.as_bytes()), Verdict::Done(Detected::Http1));
+        }
+    }
+}

@@ -6,6 +6,7 @@
 //! bytes). [`telemetry`] wraps every exchange; [`admin`] reports on all of it.
 
 pub mod admin;
+mod assemble;
 pub mod config;
 pub mod detect;
 pub mod http;
@@ -16,24 +17,22 @@ pub mod tcp;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+mod workload_identity;
 
 use admin::AdminState;
 use config::Bootstrap;
-use http::forward::{Destination, Forwarder, Shared};
+use http::forward::Shared;
 use http::ServerConfig;
-use listener::{Context, Listener};
+use listener::Context;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use telemetry::metrics::Peer;
 use telemetry::{AccessLog, Metrics};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use trellis_identity::IdentityStore;
 use upstream::pool::{Pool, PoolConfig};
-use upstream::{Service, ServiceTable};
 
 /// Failures that stop the proxy from starting.
 #[derive(Debug, thiserror::Error)]
@@ -96,51 +95,12 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(ProxyError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(ProxyError::Signals)?;
 
-    let identity = match &opts.control {
-        None => load_identity(&boot)?,
-        Some(control) => {
-            if boot.identity.is_some() {
-                return Err(ProxyError::Identity(
-                    "use either identity files or a control plane, not both".into(),
-                ));
-            }
-            let id = boot.spiffe_id().ok_or_else(|| {
-                ProxyError::Identity(
-                    "service, namespace or service account is not a valid identity".into(),
-                )
-            })?;
-            let store = IdentityStore::new();
-            let never = CancellationToken::new();
-            let first = tokio::select! {
-                r = identity_client::first_certificate(control, &id, &store, &never) => r,
-                _ = sigterm.recv() => return Ok(()),
-                _ = sigint.recv() => return Ok(()),
-            }
-            .map_err(|e| ProxyError::Identity(e.to_string()))?;
-            tracing::info!(identity = %first.identity, serial = %first.serial, not_after = first.not_after, "workload certificate obtained from the control plane");
-            tokio::spawn(identity_client::renew_forever(
-                control.clone(),
-                id,
-                store.clone(),
-                first,
-            ));
-            Some(store)
-        }
+    let identity = tokio::select! {
+        r = workload_identity::obtain(&boot, opts.control.as_ref()) => r?,
+        _ = sigterm.recv() => return Ok(()),
+        _ = sigint.recv() => return Ok(()),
     };
-    let mtls = match (boot.mtls, &identity) {
-        (Some(config::MtlsMode::Disable), _) => config::MtlsMode::Disable,
-        (Some(mode), Some(_)) => mode,
-        (Some(mode), None) => {
-            return Err(ProxyError::Identity(format!(
-                "mtls: {mode:?} needs a workload identity (identity: files, or a control plane)"
-            )))
-        }
-        (None, Some(_)) => config::MtlsMode::Strict,
-        (None, None) => {
-            tracing::warn!("no workload identity: inbound accepts plaintext only (mtls DISABLE)");
-            config::MtlsMode::Disable
-        }
-    };
+    let mtls = workload_identity::default_mode(&boot, identity.is_some())?;
     let mut metrics = Metrics::new();
     if let Some(store) = &identity {
         metrics.registry_mut().register_collector(Box::new(
@@ -178,115 +138,10 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
     });
 
     let me = boot.service_key();
-    let my_peer = Peer::new(&me.name, &me.namespace);
-    let mut listeners: Vec<(TcpListener, Arc<Listener>)> = Vec::new();
-
-    let local_identity: Option<Arc<str>> = identity
-        .as_ref()
-        .and_then(|s| s.info())
-        .map(|i| Arc::from(i.identity.to_string()));
-    // Inbound: every public port forwards to its local app, as this workload's service.
-    let inbound_stats = metrics.http_stats("inbound", my_peer.clone());
-    for (i, inb) in boot.inbound.iter().enumerate() {
-        let field = format!("inbound[{i}].listen");
-        let app = Arc::new(Service::new(
-            me.clone(),
-            vec![pool.endpoint(inb.app, None)],
-            inb.timeout.map(|d| d.0),
-            inbound_stats.clone(),
-        ));
-        let l = Listener {
-            name: field.clone(),
-            direction: "inbound",
-            protocol: inb.protocol,
-            forwarder: Arc::new(Forwarder {
-                destination: Destination::Fixed(app.clone()),
-                inbound_identity: Some(local_identity.clone()),
-                shared: shared.clone(),
-            }),
-            tcp_target: Some(app),
-            source: Peer::unknown(),
-            peer_label: Arc::from(telemetry::metrics::UNKNOWN),
-            tls: match (&identity, inbound_mode(&boot, mtls, inb.app.port())) {
-                (_, config::MtlsMode::Disable) => None,
-                (Some(store), mode) => Some(tls::InboundTls::new(mode, store)),
-                (None, mode) => {
-                    return Err(ProxyError::Identity(format!(
-                        "PeerAuthentication asks for {mode:?} on {field}, but this proxy has no identity"
-                    )))
-                }
-            },
-        };
-        listeners.push((bind(inb.listen, &field).await?, Arc::new(l)));
-    }
-
-    // Outbound: every upstream service, reachable by host through the HTTP proxy listener
-    // and, when it has one, through its own local port.
-    let mut services = Vec::new();
-    for (i, u) in boot.upstreams.iter().enumerate() {
-        let key = boot.upstream_key(u);
-        let peer = Peer::new(&key.name, &key.namespace);
-        let upstream_tls = match (&u.identity, &identity) {
-            (None, _) => None,
-            (Some(expected), Some(store)) => {
-                Some(Arc::new(tls::UpstreamTls::new(store, expected.clone())))
-            }
-            (Some(_), None) => {
-                return Err(ProxyError::Identity(format!(
-                    "upstreams[{i}].identity asks for mTLS, but this proxy has no identity"
-                )))
-            }
-        };
-        let svc = Arc::new(Service::new(
-            key,
-            u.endpoints
-                .iter()
-                .map(|a| pool.endpoint(*a, upstream_tls.clone()))
-                .collect(),
-            u.timeout.map(|d| d.0),
-            metrics.http_stats("outbound", peer.clone()),
-        ));
-        if let Some(addr) = u.listen {
-            let field = format!("upstreams[{i}].listen");
-            let l = Listener {
-                name: field.clone(),
-                direction: "outbound",
-                protocol: u.protocol,
-                forwarder: Arc::new(Forwarder {
-                    destination: Destination::Fixed(svc.clone()),
-                    inbound_identity: None,
-                    shared: shared.clone(),
-                }),
-                tcp_target: Some(svc.clone()),
-                source: my_peer.clone(),
-                peer_label: peer.service.clone(),
-                tls: None,
-            };
-            listeners.push((bind(addr, &field).await?, Arc::new(l)));
-        }
-        services.push(svc);
-    }
-    if let Some(addr) = boot.outbound.listen {
-        let table = Arc::new(ServiceTable::new(
-            services,
-            &me.namespace,
-            &boot.cluster_domain,
-        ));
-        let l = Listener {
-            name: "outbound.listen".into(),
-            direction: "outbound",
-            protocol: config::Protocol::Auto,
-            forwarder: Arc::new(Forwarder {
-                destination: Destination::ByHost(table),
-                inbound_identity: None,
-                shared: shared.clone(),
-            }),
-            tcp_target: None,
-            source: my_peer.clone(),
-            peer_label: Arc::from(telemetry::metrics::UNKNOWN),
-            tls: None,
-        };
-        listeners.push((bind(addr, "outbound.listen").await?, Arc::new(l)));
+    let mut listeners = Vec::new();
+    for (addr, l) in assemble::listeners(&boot, identity.as_ref(), mtls, &pool, &metrics, &shared)?
+    {
+        listeners.push((bind(addr, &l.name).await?, Arc::new(l)));
     }
 
     let admin_listener = bind(boot.admin, "admin").await?;
@@ -336,60 +191,6 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
         tracing::info!("drained");
     }
     Ok(())
-}
-
-/// The mTLS mode of the inbound port whose app listens on `app_port`: PeerAuthentication
-/// resources (workload, namespace, mesh scope) over the bootstrap's `mtls` default.
-fn inbound_mode(boot: &Bootstrap, default: config::MtlsMode, app_port: u16) -> config::MtlsMode {
-    use trellis_api::resources::peer_authentication::{effective_mode, Workload};
-    use trellis_api::resources::{PeerMode, Resource};
-    let policies = boot.loaded.iter().map(|l| match &l.resource {
-        Resource::PeerAuthentication(p) => p,
-    });
-    let default = match default {
-        config::MtlsMode::Strict => PeerMode::Strict,
-        config::MtlsMode::Permissive => PeerMode::Permissive,
-        config::MtlsMode::Disable => PeerMode::Disable,
-    };
-    let workload = Workload {
-        namespace: &boot.namespace,
-        labels: &boot.labels,
-    };
-    match effective_mode(policies, &workload, app_port, &boot.root_namespace, default) {
-        PeerMode::Strict => config::MtlsMode::Strict,
-        PeerMode::Permissive => config::MtlsMode::Permissive,
-        PeerMode::Disable | PeerMode::Unset => config::MtlsMode::Disable,
-    }
-}
-
-/// The static identity of the bootstrap file, checked against this workload's name.
-fn load_identity(boot: &Bootstrap) -> Result<Option<Arc<IdentityStore>>, ProxyError> {
-    let Some(files) = &boot.identity else {
-        return Ok(None);
-    };
-    let read = |p: &std::path::Path| {
-        std::fs::read_to_string(p)
-            .map_err(|e| ProxyError::Identity(format!("{}: {e}", p.display())))
-    };
-    let store = IdentityStore::new();
-    let info = store
-        .install(
-            &read(&files.cert)?,
-            &read(&files.key)?,
-            &read(&files.trust_bundle)?,
-        )
-        .map_err(|e| ProxyError::Identity(format!("{}: {e}", files.cert.display())))?;
-    if let Some(me) = boot.spiffe_id() {
-        if info.identity != me {
-            return Err(ProxyError::Identity(format!(
-                "{} holds {}, but this workload is {me}",
-                files.cert.display(),
-                info.identity
-            )));
-        }
-    }
-    tracing::info!(identity = %info.identity, not_after = info.not_after, "workload identity loaded");
-    Ok(Some(store))
 }
 
 async fn sweep_metrics(metrics: Arc<Metrics>, retention: Duration) {
