@@ -504,3 +504,232 @@ replace_section() {
     { [ -f "$file" ] && echo; echo "$start"; cat "$content"; echo "$end"; } >>"$file"
   fi
 }
+
+# ---- mesh path (bench/mesh.sh): client -> outbound proxy -> [mTLS] -> inbound proxy -> origin ----
+
+MESH_NS=bench                                   # namespace of both workloads
+MESH_TD=cluster.local                           # trust domain
+MESH_CLIENT_SVC=frontend                        # the outbound proxy's service
+MESH_SERVER_SVC=origin-svc                      # the inbound proxy's service
+MESH_SERVER_ID="spiffe://$MESH_TD/ns/$MESH_NS/sa/$MESH_SERVER_SVC"
+
+# issue_mesh_certs BIN STATE_DIR OUT_DIR: the certificates of both workloads, issued offline by
+# `trellis ca issue` (the CA is created in STATE_DIR on first use). OUT_DIR then holds
+# frontend.pem, frontend-key.pem, origin-svc.pem, origin-svc-key.pem and ca.pem (the bundle).
+issue_mesh_certs() {
+  local bin=$1 state=$2 out=$3 svc
+  for svc in "$MESH_CLIENT_SVC" "$MESH_SERVER_SVC"; do
+    local cmd=("$bin" ca issue --state-dir "$state" --service "$svc" --namespace "$MESH_NS" --out-dir "$out")
+    echo "+ ${cmd[*]}" >>"$BENCH_TMP/commands.log"
+    TRELLIS_LOG=warn "${cmd[@]}" >>"$BENCH_TMP/ca-issue.log" 2>&1 || { cat "$BENCH_TMP/ca-issue.log" >&2; return 1; }
+  done
+  local f
+  for f in "$MESH_CLIENT_SVC.pem" "$MESH_CLIENT_SVC-key.pem" "$MESH_SERVER_SVC.pem" "$MESH_SERVER_SVC-key.pem" ca.pem; do
+    [ -s "$out/$f" ] || { log "trellis ca issue did not write $out/$f"; return 1; }
+  done
+}
+
+# write_trellis_mesh_in DIR LISTEN_PORT ADMIN_PORT APP_PORT [CERT_DIR]: the inbound proxy
+# (service origin-svc) in DIR/trellis.yaml; with CERT_DIR mTLS STRICT, without it DISABLE.
+write_trellis_mesh_in() {
+  local dir=$1 port=$2 admin=$3 app=$4 certs=${5:-}
+  mkdir -p "$dir"
+  {
+    echo "service: $MESH_SERVER_SVC"
+    echo "namespace: $MESH_NS"
+    echo "admin: 127.0.0.1:$admin"
+    echo "outbound: { listen: null }"
+    if [ -n "$certs" ]; then
+      echo "identity: { cert: $certs/$MESH_SERVER_SVC.pem, key: $certs/$MESH_SERVER_SVC-key.pem, trust_bundle: $certs/ca.pem }"
+      echo "mtls: STRICT"
+    else
+      echo "mtls: DISABLE"
+    fi
+    echo "inbound:"
+    echo "  - listen: 127.0.0.1:$port"
+    echo "    app: 127.0.0.1:$app"
+  } >"$dir/trellis.yaml"
+}
+
+# write_trellis_mesh_out DIR LISTEN_PORT ADMIN_PORT INBOUND_PORT [CERT_DIR]: the outbound proxy
+# (service frontend) with a per-upstream local port for origin-svc; with CERT_DIR the upstream
+# is reached over mTLS and must present origin-svc's SPIFFE ID.
+write_trellis_mesh_out() {
+  local dir=$1 port=$2 admin=$3 inbound=$4 certs=${5:-}
+  mkdir -p "$dir"
+  {
+    echo "service: $MESH_CLIENT_SVC"
+    echo "namespace: $MESH_NS"
+    echo "admin: 127.0.0.1:$admin"
+    echo "outbound: { listen: null }"
+    [ -n "$certs" ] &&
+      echo "identity: { cert: $certs/$MESH_CLIENT_SVC.pem, key: $certs/$MESH_CLIENT_SVC-key.pem, trust_bundle: $certs/ca.pem }"
+    echo "upstreams:"
+    echo "  - service: $MESH_SERVER_SVC"
+    echo "    namespace: $MESH_NS"
+    echo "    listen: 127.0.0.1:$port"
+    echo "    protocol: http1"
+    echo "    endpoints: [127.0.0.1:$inbound]"
+    [ -n "$certs" ] && echo "    identity: $MESH_SERVER_ID"
+    true
+  } >"$dir/trellis.yaml"
+}
+
+# write_envoy_mesh_out DIR LISTEN_PORT ADMIN_PORT INBOUND_PORT [CERT_DIR]: the outbound Envoy:
+# HTTP/1.1 from the client, HTTP/2 to the inbound Envoy; with CERT_DIR over mTLS with frontend's
+# certificate, verifying the chain against ca.pem and the SAN URI against origin-svc's SPIFFE ID.
+write_envoy_mesh_out() {
+  local dir=$1 port=$2 admin=$3 inbound=$4 certs=${5:-}
+  mkdir -p "$dir"
+  cat >"$dir/envoy.yaml" <<EOF
+admin:
+  address: { socket_address: { address: 127.0.0.1, port_value: $admin } }
+static_resources:
+  listeners:
+    - name: outbound
+      address: { socket_address: { address: 127.0.0.1, port_value: $port } }
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: outbound
+                codec_type: HTTP1
+                route_config:
+                  virtual_hosts:
+                    - name: all
+                      domains: ["*"]
+                      routes:
+                        - match: { prefix: "/" }
+                          route: { cluster: $MESH_SERVER_SVC }
+                http_filters:
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+    - name: $MESH_SERVER_SVC
+      type: STATIC
+      connect_timeout: 5s
+      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config:
+            http2_protocol_options: {}
+      load_assignment:
+        cluster_name: $MESH_SERVER_SVC
+        endpoints:
+          - lb_endpoints:
+              - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $inbound } } }
+EOF
+  if [ -n "$certs" ]; then
+    cat >>"$dir/envoy.yaml" <<EOF
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          common_tls_context:
+            alpn_protocols: [h2]
+            tls_params: { tls_minimum_protocol_version: TLSv1_2, tls_maximum_protocol_version: TLSv1_3 }
+            tls_certificates:
+              - certificate_chain: { filename: $certs/$MESH_CLIENT_SVC.pem }
+                private_key: { filename: $certs/$MESH_CLIENT_SVC-key.pem }
+            validation_context:
+              trusted_ca: { filename: $certs/ca.pem }
+              match_typed_subject_alt_names:
+                - san_type: URI
+                  matcher: { exact: "$MESH_SERVER_ID" }
+EOF
+  fi
+}
+
+# write_envoy_mesh_in DIR LISTEN_PORT ADMIN_PORT APP_PORT [CERT_DIR]: the inbound Envoy: codec
+# AUTO (h2 or h2c from the outbound Envoy), HTTP/1.1 keep-alive to the origin; with CERT_DIR the
+# listener requires a client certificate chaining to ca.pem (origin-svc's certificate, ALPN h2)
+# and, like Istio and Trellis, sets x-forwarded-client-cert with the caller's URI.
+write_envoy_mesh_in() {
+  local dir=$1 port=$2 admin=$3 app=$4 certs=${5:-}
+  mkdir -p "$dir"
+  {
+    cat <<EOF
+admin:
+  address: { socket_address: { address: 127.0.0.1, port_value: $admin } }
+static_resources:
+  listeners:
+    - name: inbound
+      address: { socket_address: { address: 127.0.0.1, port_value: $port } }
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: inbound
+                codec_type: AUTO
+EOF
+    if [ -n "$certs" ]; then
+      cat <<EOF
+                forward_client_cert_details: SANITIZE_SET
+                set_current_client_cert_details: { uri: true }
+EOF
+    fi
+    cat <<EOF
+                route_config:
+                  virtual_hosts:
+                    - name: all
+                      domains: ["*"]
+                      routes:
+                        - match: { prefix: "/" }
+                          route: { cluster: app }
+                http_filters:
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+EOF
+    if [ -n "$certs" ]; then
+      cat <<EOF
+          transport_socket:
+            name: envoy.transport_sockets.tls
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+              require_client_certificate: true
+              common_tls_context:
+                alpn_protocols: [h2]
+                tls_params: { tls_minimum_protocol_version: TLSv1_2, tls_maximum_protocol_version: TLSv1_3 }
+                tls_certificates:
+                  - certificate_chain: { filename: $certs/$MESH_SERVER_SVC.pem }
+                    private_key: { filename: $certs/$MESH_SERVER_SVC-key.pem }
+                validation_context:
+                  trusted_ca: { filename: $certs/ca.pem }
+EOF
+    fi
+    cat <<EOF
+  clusters:
+    - name: app
+      type: STATIC
+      connect_timeout: 5s
+      load_assignment:
+        cluster_name: app
+        endpoints:
+          - lb_endpoints:
+              - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $app } } }
+EOF
+  } >"$dir/envoy.yaml"
+}
+
+# trellis_requests ADMIN_PORT DIRECTION TLS: sum of trellis_http_requests_total{direction=DIRECTION,
+# tls=TLS} from the proxy's admin /metrics (TLS "true": the request came or went over mTLS).
+trellis_requests() {
+  curl -s --max-time 5 "http://127.0.0.1:$1/metrics" | awk -v d="direction=\"$2\"" -v t="tls=\"$3\"" '
+    /^trellis_http_requests_total\{/ && index($0, d) && index($0, t) { s += $NF } END { printf "%.0f", s }'
+}
+
+# trellis_metric_sum ADMIN_PORT NAME: sum of every series of metric NAME.
+trellis_metric_sum() {
+  curl -s --max-time 5 "http://127.0.0.1:$1/metrics" | awk -v n="$2" '
+    index($0, n "{") == 1 || index($0, n " ") == 1 { s += $NF } END { printf "%.0f", s }'
+}
+
+# envoy_stat_sum ADMIN_PORT REGEX: sum of the Envoy admin counters whose name matches REGEX (awk ERE).
+envoy_stat_sum() {
+  curl -s --max-time 5 "http://127.0.0.1:$1/stats" | awk -F': ' -v re="$2" '
+    $1 ~ re && $2 ~ /^[0-9]+$/ { s += $2 } END { printf "%.0f", s }'
+}
