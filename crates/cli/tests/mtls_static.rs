@@ -455,3 +455,27 @@ async fn invalid_peer_authentication_is_refused_with_file_and_line() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn kinds_the_proxy_does_not_apply_are_refused_not_ignored() {
+    let dir = TempDir::new("vs");
+    let vs = dir.path().join("vs.yaml");
+    std::fs::write(
+        &vs,
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: { name: reviews }\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: { host: reviews }\n",
+    )
+    .unwrap();
+    let file = dir.path().join("p.yaml");
+    std::fs::write(
+        &file,
+        format!("service: grades\nresources: [{}]\n", vs.display()),
+    )
+    .unwrap();
+    let (code, _, err) =
+        trellis_testkit::proxy::run(BIN, &["proxy", "--config", file.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("vs.yaml:1: VirtualService/reviews: kind: the proxy does not apply this kind"),
+        "{err}"
+    );
+}

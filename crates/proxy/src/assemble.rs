@@ -142,8 +142,9 @@ pub fn listeners(
 fn inbound_mode(boot: &Bootstrap, default: MtlsMode, app_port: u16) -> MtlsMode {
     use trellis_api::resources::peer_authentication::{effective_mode, Workload};
     use trellis_api::resources::{PeerMode, Resource};
-    let policies = boot.loaded.iter().map(|l| match &l.resource {
-        Resource::PeerAuthentication(p) => p,
+    let policies = boot.loaded.iter().filter_map(|l| match &l.resource {
+        Resource::PeerAuthentication(p) => Some(p),
+        _ => None,
     });
     let default = match default {
         MtlsMode::Strict => PeerMode::Strict,

@@ -281,8 +281,28 @@ impl Bootstrap {
                 });
             }
             let (ok, errs) = trellis_api::resources::load(p);
-            boot.loaded.extend(ok);
             errors.extend(errs);
+            for loaded in ok {
+                // Never silently ignore a resource: refuse the kinds the proxy does not apply.
+                match &loaded.resource {
+                    trellis_api::resources::Resource::PeerAuthentication(_) => {
+                        boot.loaded.push(loaded)
+                    }
+                    other => errors.push(trellis_api::resources::ResourceError {
+                        source: loaded.source.clone(),
+                        object: {
+                            let v = serde_json::to_value(other).unwrap_or_default();
+                            format!(
+                                "{}/{}",
+                                v["kind"].as_str().unwrap_or("?"),
+                                v["metadata"]["name"].as_str().unwrap_or("?")
+                            )
+                        },
+                        field: "kind".into(),
+                        message: "the proxy does not apply this kind in static mode yet (PeerAuthentication only)".into(),
+                    }),
+                }
+            }
         }
         if errors.is_empty() {
             Ok(boot)

@@ -109,6 +109,7 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
     }
     let metrics = Arc::new(metrics);
     let pool = Pool::new(PoolConfig {
+        metrics: metrics.clone(),
         connect_timeout: boot.timeouts.connect.0,
         idle_timeout: boot.timeouts.idle.0,
     });

@@ -5,14 +5,36 @@
 //! the field, the kind, the file and the line (never silently ignored). Kinds this version
 //! does not implement yet are refused by name the same way.
 
+pub mod authorization_policy;
+pub mod common;
+pub mod destination_rule;
+pub mod http_match;
+pub mod http_policy;
+pub mod http_route;
+pub mod http_route_filter;
+pub mod load_balancer;
+mod locate;
+pub mod mesh;
 pub mod peer_authentication;
+pub mod request_authentication;
+pub mod service_entry;
+pub mod traffic_policy;
+pub mod virtual_service;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use authorization_policy::AuthorizationPolicy;
+pub use common::Unsupported;
+pub use destination_rule::DestinationRule;
+pub use http_route::HttpRoute;
+pub use mesh::Mesh;
 pub use peer_authentication::{PeerAuthentication, PeerMode};
+pub use request_authentication::RequestAuthentication;
+pub use service_entry::ServiceEntry;
+pub use virtual_service::VirtualService;
 
 /// Where a resource came from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -86,10 +108,25 @@ impl WorkloadSelector {
 
 /// One loaded resource.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(tag = "kind")]
+#[serde(untagged)] // each kind carries its own `kind` field
+#[non_exhaustive]
 pub enum Resource {
     /// `security.istio.io` PeerAuthentication.
     PeerAuthentication(PeerAuthentication),
+    /// `security.istio.io` AuthorizationPolicy.
+    AuthorizationPolicy(AuthorizationPolicy),
+    /// `security.istio.io` RequestAuthentication.
+    RequestAuthentication(RequestAuthentication),
+    /// `networking.istio.io` VirtualService.
+    VirtualService(VirtualService),
+    /// `networking.istio.io` DestinationRule.
+    DestinationRule(DestinationRule),
+    /// `networking.istio.io` ServiceEntry.
+    ServiceEntry(ServiceEntry),
+    /// `gateway.networking.k8s.io` HTTPRoute.
+    HttpRoute(HttpRoute),
+    /// `trellis.dev` Mesh.
+    Mesh(Mesh),
 }
 
 /// A resource and where it came from.
@@ -130,15 +167,7 @@ impl fmt::Display for ResourceError {
 impl std::error::Error for ResourceError {}
 
 /// The kinds users may write that a later version of Trellis implements.
-const KNOWN_LATER: [&str; 7] = [
-    "VirtualService",
-    "DestinationRule",
-    "ServiceEntry",
-    "AuthorizationPolicy",
-    "RequestAuthentication",
-    "HTTPRoute",
-    "Mesh",
-];
+const KNOWN_LATER: [&str; 4] = ["Gateway", "Sidecar", "WorkloadEntry", "Telemetry"];
 
 #[derive(Deserialize)]
 struct Header {
@@ -197,10 +226,18 @@ fn typed<T: for<'de> Deserialize<'de>>(
     serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
         let inner = e.into_inner();
-        let line = inner
-            .location()
-            .map_or(source.line, |l| source.line + l.line() - 1);
         let message = clean_yaml_message(&inner.to_string(), &field);
+        // A value refused after it was read (a bad duration) carries its parent's position;
+        // the field's own line is better. An unknown field is best shown at its key, where
+        // the YAML position already is.
+        let exact = if message.starts_with("unknown field") {
+            None
+        } else {
+            locate::exact_line_of(doc, &field)
+        };
+        let line = exact
+            .or_else(|| inner.location().map(|l| l.line()))
+            .map_or(source.line, |l| source.line + l - 1);
         ResourceError {
             source: Source {
                 file: source.file.clone(),
@@ -211,6 +248,74 @@ fn typed<T: for<'de> Deserialize<'de>>(
             message,
         }
     })
+}
+
+/// What the loader needs from each kind it implements.
+trait Kind: for<'de> Deserialize<'de> {
+    /// The apiVersions accepted.
+    const API_VERSIONS: &'static [&'static str];
+    /// Checks what serde cannot, returning (field path, message).
+    fn check(&self) -> Result<(), (String, String)>;
+}
+
+macro_rules! kinds {
+    ($($ty:ident in $module:ident),* $(,)?) => {$(
+        impl Kind for $ty {
+            const API_VERSIONS: &'static [&'static str] = &$module::API_VERSIONS;
+            fn check(&self) -> Result<(), (String, String)> {
+                self.validate()
+            }
+        }
+    )*};
+}
+
+kinds!(
+    PeerAuthentication in peer_authentication,
+    AuthorizationPolicy in authorization_policy,
+    RequestAuthentication in request_authentication,
+    VirtualService in virtual_service,
+    DestinationRule in destination_rule,
+    ServiceEntry in service_entry,
+    HttpRoute in http_route,
+    Mesh in mesh,
+);
+
+/// One document being read: its text, where it is, `Kind/name`, kind and apiVersion.
+struct Doc<'a> {
+    text: &'a str,
+    source: &'a Source,
+    object: &'a str,
+    kind: &'a str,
+    api: &'a str,
+}
+
+/// Reads one document of a kind we implement: checks its apiVersion, deserializes it and runs
+/// its checks (whose errors point at the line of the field they name).
+fn load_kind<T: Kind>(d: &Doc<'_>) -> Result<T, ResourceError> {
+    let err = |field: String, message: String| ResourceError {
+        source: Source {
+            file: d.source.file.clone(),
+            line: locate::line_of(d.text, &field).map_or(d.source.line, |l| d.source.line + l - 1),
+        },
+        object: d.object.to_string(),
+        field,
+        message,
+    };
+    if !T::API_VERSIONS.contains(&d.api) {
+        let what = if d.api.is_empty() {
+            "missing apiVersion".to_string()
+        } else {
+            format!("unsupported apiVersion {:?}", d.api)
+        };
+        let use_ = T::API_VERSIONS.join(" or ");
+        return Err(err(
+            "apiVersion".into(),
+            format!("{what} for {} (use {use_})", d.kind),
+        ));
+    }
+    let value: T = typed(d.text, d.source, d.object)?;
+    value.check().map_err(|(f, m)| err(f, m))?;
+    Ok(value)
 }
 
 /// Parses every document of one file's text.
@@ -244,22 +349,22 @@ pub fn parse(file: &Path, text: &str) -> (Vec<Loaded>, Vec<ResourceError>) {
             field: field.to_string(),
             message,
         };
+        let d = Doc {
+            text: &doc,
+            source: &source,
+            object: &object,
+            kind: &kind,
+            api: &api,
+        };
         let result = match kind.as_str() {
-            "PeerAuthentication" => {
-                if !peer_authentication::API_VERSIONS.contains(&api.as_str()) {
-                    Err(err(
-                        "apiVersion",
-                        format!(
-                            "unsupported apiVersion {api:?} for PeerAuthentication (use {})",
-                            peer_authentication::API_VERSIONS.join(" or ")
-                        ),
-                    ))
-                } else {
-                    typed::<PeerAuthentication>(&doc, &source, &object)
-                        .and_then(|p| p.validate().map(|()| p).map_err(|(f, m)| err(&f, m)))
-                        .map(Resource::PeerAuthentication)
-                }
-            }
+            "PeerAuthentication" => load_kind(&d).map(Resource::PeerAuthentication),
+            "AuthorizationPolicy" => load_kind(&d).map(Resource::AuthorizationPolicy),
+            "RequestAuthentication" => load_kind(&d).map(Resource::RequestAuthentication),
+            "VirtualService" => load_kind(&d).map(Resource::VirtualService),
+            "DestinationRule" => load_kind(&d).map(Resource::DestinationRule),
+            "ServiceEntry" => load_kind(&d).map(Resource::ServiceEntry),
+            "HTTPRoute" => load_kind(&d).map(Resource::HttpRoute),
+            "Mesh" => load_kind(&d).map(Resource::Mesh),
             "" => Err(err("kind", "missing kind".into())),
             k if KNOWN_LATER.contains(&k) => Err(err(
                 "kind",
@@ -334,7 +439,7 @@ mod tests {
 
     #[test]
     fn errors_name_file_line_kind_and_field() {
-        let text = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: { name: a }\nspec:\n  mtls: { mode: STRICT }\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: b\nspec:\n  mtls:\n    mode: SOMETIMES\n---\nkind: VirtualService\nmetadata: { name: vs }\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: { name: c }\nspec:\n  mtls: { mode: STRICT, extra: 1 }\n";
+        let text = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: { name: a }\nspec:\n  mtls: { mode: STRICT }\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: b\nspec:\n  mtls:\n    mode: SOMETIMES\n---\nkind: Sidecar\nmetadata: { name: vs }\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: { name: c }\nspec:\n  mtls: { mode: STRICT, extra: 1 }\n";
         let (ok, errors) = parse(Path::new("pa.yaml"), text);
         assert_eq!(ok.len(), 1);
         let msgs: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
@@ -347,9 +452,7 @@ mod tests {
             msgs[0]
         );
         assert!(
-            msgs[1].starts_with(
-                "pa.yaml:15: VirtualService/vs: kind: VirtualService is not supported"
-            ),
+            msgs[1].starts_with("pa.yaml:15: Sidecar/vs: kind: Sidecar is not supported"),
             "{}",
             msgs[1]
         );
@@ -359,6 +462,23 @@ mod tests {
             ),
             "{}",
             msgs[2]
+        );
+    }
+
+    #[test]
+    fn kinds_share_one_file_and_need_their_api_version() {
+        let text = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: { name: r }\nspec:\n  host: r\n  subsets: [{ name: v1, labels: { version: v1 } }]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: { name: r }\nspec:\n  hosts: [r]\n  http: [{ route: [{ destination: { host: r, subset: v1 } }] }]\n---\nkind: ServiceEntry\nmetadata: { name: e }\nspec: { hosts: [e.example.com] }\n---\napiVersion: security.istio.io/v1\nkind: VirtualService\nmetadata: { name: w }\n";
+        let (ok, errors) = parse(Path::new("m.yaml"), text);
+        assert_eq!(ok.len(), 2, "{errors:?}");
+        assert!(matches!(ok[1].resource, Resource::VirtualService(_)));
+        assert_eq!(ok[1].source.line, 8);
+        let msgs: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            msgs,
+            [
+                "m.yaml:15: ServiceEntry/e: apiVersion: missing apiVersion for ServiceEntry (use networking.istio.io/v1 or networking.istio.io/v1beta1 or networking.istio.io/v1alpha3)",
+                "m.yaml:19: VirtualService/w: apiVersion: unsupported apiVersion \"security.istio.io/v1\" for VirtualService (use networking.istio.io/v1 or networking.istio.io/v1beta1 or networking.istio.io/v1alpha3)",
+            ]
         );
     }
 

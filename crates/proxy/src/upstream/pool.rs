@@ -56,8 +56,10 @@ pub enum ConnectError {
 }
 
 /// Pool settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PoolConfig {
+    /// Where failed mTLS handshakes to endpoints are counted.
+    pub metrics: Arc<crate::telemetry::Metrics>,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
     /// Idle connections are closed after this.
@@ -193,11 +195,15 @@ impl EndpointConns {
         let _ = tcp.set_nodelay(true);
         match &self.tls {
             None => Ok(Either::Left(tcp)),
-            Some(tls) => tls
-                .connect(tcp, usage)
-                .await
-                .map(Either::Right)
-                .map_err(|source| ConnectError::Tls { addr, source }),
+            Some(tls) => match tls.connect(tcp, usage).await {
+                Ok(io) => Ok(Either::Right(io)),
+                Err(source) => {
+                    let reason = trellis_identity::tls::failure_reason(&source);
+                    self.cfg.metrics.tls_handshake_failed(reason);
+                    tracing::info!(endpoint = %addr, reason, error = %source, "mTLS handshake with an upstream failed");
+                    Err(ConnectError::Tls { addr, source })
+                }
+            },
         }
     }
 
@@ -344,6 +350,7 @@ mod tests {
     #[tokio::test]
     async fn released_connections_are_reused_then_closed_when_idle() {
         let pool = Pool::new(PoolConfig {
+            metrics: Arc::default(),
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_millis(200),
         });
@@ -366,6 +373,7 @@ mod tests {
     #[tokio::test]
     async fn refused_and_unreachable_endpoints_fail_fast() {
         let pool = Pool::new(PoolConfig {
+            metrics: Arc::default(),
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(60),
         });
