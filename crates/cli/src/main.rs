@@ -50,6 +50,16 @@ enum Command {
         #[arg(short, long, value_parser = ["table", "json"], default_value = "table")]
         output: String,
     },
+    /// Check Istio YAML offline (like `istioctl analyze`): schema, weights, hosts, subsets,
+    /// shadowed routes, conflicting and risky policies. Exits 1 when there is an error.
+    Analyze {
+        /// Files or directories (every .yaml/.yml file under them).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Output format.
+        #[arg(short, long, value_parser = ["text", "json"], default_value = "text")]
+        output: String,
+    },
     /// Certificate authority: rotate the root, issue static identity files.
     #[command(subcommand)]
     Ca(cmd::ca::CaCommand),
@@ -135,6 +145,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Analyze { paths, output } => cmd::analyze::run(&paths, output == "json"),
         Command::Ca(c) => report(cmd::ca::run(&cli.api, c)),
         Command::Demo(args) => match demo::run(args) {
             Ok(()) => ExitCode::SUCCESS,

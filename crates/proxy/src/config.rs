@@ -291,12 +291,8 @@ impl Bootstrap {
                     other => errors.push(trellis_api::resources::ResourceError {
                         source: loaded.source.clone(),
                         object: {
-                            let v = serde_json::to_value(other).unwrap_or_default();
-                            format!(
-                                "{}/{}",
-                                v["kind"].as_str().unwrap_or("?"),
-                                v["metadata"]["name"].as_str().unwrap_or("?")
-                            )
+                            let (kind, meta) = trellis_api::analyze::kind_and_meta(other);
+                            format!("{kind}/{}", meta.name)
                         },
                         field: "kind".into(),
                         message: "the proxy does not apply this kind in static mode yet (PeerAuthentication only)".into(),

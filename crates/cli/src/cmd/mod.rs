@@ -1,5 +1,6 @@
 //! The `trellis` subcommands other than `proxy` and `demo`.
 
+pub mod analyze;
 pub mod ca;
 pub mod certs;
 pub mod control;

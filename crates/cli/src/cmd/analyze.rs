@@ -1,0 +1,43 @@
+//! `trellis analyze PATH... [-o text|json]`: offline checks of Istio YAML, like
+//! `istioctl analyze`. Loads the files, runs `trellis_api::analyze` and prints the findings.
+//! Exit code: 0 when there is no error (warnings only included), 1 with errors, 2 when a PATH
+//! does not exist.
+
+use serde_json::json;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use trellis_api::analyze::{analyze, counts, summary};
+use trellis_api::resources::load;
+
+/// Runs the command.
+pub fn run(paths: &[PathBuf], json_out: bool) -> ExitCode {
+    if let Some(missing) = paths.iter().find(|p| !p.exists()) {
+        eprintln!("error: {}: no such file or directory", missing.display());
+        return ExitCode::from(2);
+    }
+    let (mut loaded, mut errors) = (Vec::new(), Vec::new());
+    for p in paths {
+        let (ok, err) = load(p);
+        loaded.extend(ok);
+        errors.extend(err);
+    }
+    let findings = analyze(&loaded, &errors);
+    let (n_errors, n_warnings) = counts(&findings);
+    if json_out {
+        let v = json!({ "findings": findings, "errors": n_errors, "warnings": n_warnings });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        );
+    } else {
+        for f in &findings {
+            println!("{f}");
+        }
+        println!("{}", summary(&findings));
+    }
+    if n_errors > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
