@@ -178,16 +178,7 @@ impl IdentityStore {
     /// A server config: presents the current certificate, requires a client certificate
     /// that chains to the bundle, offers `alpn`.
     pub fn server_config(self: &Arc<Self>, alpn: &[&[u8]]) -> Arc<ServerConfig> {
-        let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .expect("the ring provider supports TLS 1.2 and 1.3")
-            .with_client_cert_verifier(Arc::new(BundleClientVerifier {
-                store: self.clone(),
-                mandatory: true,
-            }))
-            .with_cert_resolver(Arc::new(Resolver(self.clone())));
-        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Arc::new(cfg)
+        self.server_config_with(alpn, true)
     }
 
     /// Like [`IdentityStore::server_config`], but a client may also connect without a
@@ -197,12 +188,16 @@ impl IdentityStore {
         self: &Arc<Self>,
         alpn: &[&[u8]],
     ) -> Arc<ServerConfig> {
+        self.server_config_with(alpn, false)
+    }
+
+    fn server_config_with(self: &Arc<Self>, alpn: &[&[u8]], mandatory: bool) -> Arc<ServerConfig> {
         let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .expect("the ring provider supports TLS 1.2 and 1.3")
             .with_client_cert_verifier(Arc::new(BundleClientVerifier {
                 store: self.clone(),
-                mandatory: false,
+                mandatory,
             }))
             .with_cert_resolver(Arc::new(Resolver(self.clone())));
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
