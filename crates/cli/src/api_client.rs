@@ -49,6 +49,47 @@ pub async fn call(
     Ok(json)
 }
 
+/// Sends a text body (a YAML file named `file`); returns the status and JSON body whatever
+/// the status.
+pub async fn call_raw(
+    api: &str,
+    method: &str,
+    path: &str,
+    file: Option<&str>,
+    body: String,
+) -> anyhow::Result<(u16, Value)> {
+    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(api))
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to the control plane API at {api} timed out"))?
+        .with_context(|| {
+            format!(
+                "cannot reach the control plane API at {api} (is `trellis control` running? --api)"
+            )
+        })?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", api)
+        .header("content-type", "application/yaml");
+    if let Some(f) = file {
+        req = req.header("x-trellis-file", f);
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(30),
+        tx.send_request(req.body(Full::new(Bytes::from(body)))?),
+    )
+    .await
+    .context("the control plane API did not answer within 30s")??;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    Ok((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
+}
+
 /// Runs `f` on a small runtime (CLI commands are one-shot).
 pub fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
     Ok(tokio::runtime::Builder::new_current_thread()

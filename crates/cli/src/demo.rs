@@ -69,8 +69,18 @@ spec:
 ";
 
 fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = StdListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?)
+    // Bound and released; never the same port twice (the kernel may hand it out again).
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let addr = StdListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("finding a free port")?;
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return Ok(addr);
+        }
+    }
 }
 
 /// A child process of ours, stopped with SIGTERM (graceful drain) when dropped.

@@ -34,6 +34,38 @@ enum Command {
     Proxy(ProxyArgs),
     /// Run the control plane: CA and identity service, HTTP API.
     Control(cmd::control::ControlArgs),
+    /// Validate and apply resource files (Istio YAML) to the control plane.
+    Apply {
+        /// Files or directories.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Validate and print the changes against what is live, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show resources stored on the control plane.
+    Get {
+        /// Kind (VirtualService, vs, destinationrules, ...).
+        kind: String,
+        /// One resource by name.
+        name: Option<String>,
+        /// Namespace filter.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_parser = ["table", "yaml", "json"], default_value = "table")]
+        output: String,
+    },
+    /// Delete a resource from the control plane.
+    Delete {
+        /// Kind.
+        kind: String,
+        /// Name.
+        name: String,
+        /// Namespace.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
     /// Join tokens: create, list, revoke.
     #[command(subcommand)]
     Token(cmd::token::TokenCommand),
@@ -136,6 +168,32 @@ fn main() -> ExitCode {
         },
         Command::Control(args) => report(cmd::control::run(args)),
         Command::Token(c) => report(cmd::token::run(&cli.api, c)),
+        Command::Apply { files, dry_run } => match cmd::resources::apply(&cli.api, &files, dry_run)
+        {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            output,
+        } => report(cmd::resources::get(
+            &cli.api,
+            &kind,
+            name.as_deref(),
+            namespace.as_deref(),
+            &output,
+        )),
+        Command::Delete {
+            kind,
+            name,
+            namespace,
+        } => report(cmd::resources::delete(&cli.api, &kind, &name, &namespace)),
         Command::Certs { output } => report(cmd::certs::certs(&cli.api, output == "json")),
         Command::Check { output } => match cmd::certs::check(&cli.api, output == "json") {
             Ok(true) => ExitCode::SUCCESS,

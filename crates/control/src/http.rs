@@ -22,6 +22,8 @@ use trellis_api::duration::Duration as ConfigDuration;
 pub struct Api {
     /// Durable state.
     pub state: Arc<State>,
+    /// Applied resources.
+    pub resources: Arc<crate::resources::ResourceStore>,
     /// Told when the CA changed, so the serving certificate is re-issued.
     pub ca_changed: Arc<Notify>,
     /// Default join token lifetime.
@@ -195,9 +197,83 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 Err(e) => state_error(e),
             }
         }
+        (Method::POST, ["api", "v1", "resources"]) => apply(api, req).await,
+        (Method::GET, ["api", "v1", "resources"]) => {
+            let q = query(&req);
+            let items = api.resources.list(
+                q.get("kind").map(String::as_str),
+                q.get("namespace").map(String::as_str),
+                q.get("name").map(String::as_str),
+            );
+            reply(
+                StatusCode::OK,
+                json!({ "version": api.resources.version(), "items": items }),
+            )
+        }
+        (Method::DELETE, ["api", "v1", "resources", kind, namespace, name]) => {
+            match api.resources.delete(kind, namespace, name) {
+                Ok(true) => reply(
+                    StatusCode::OK,
+                    json!({ "deleted": format!("{kind}/{namespace}/{name}"), "version": api.resources.version() }),
+                ),
+                Ok(false) => error(
+                    StatusCode::NOT_FOUND,
+                    format!("{kind}/{namespace}/{name} not found"),
+                ),
+                Err(e) => state_error(e),
+            }
+        }
         _ => error(
             StatusCode::NOT_FOUND,
             format!("no such endpoint: {} {path}", req.method()),
         ),
+    }
+}
+
+fn query(req: &Request<Incoming>) -> std::collections::HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// `POST /api/v1/resources[?dryRun=true]`: a YAML file (multi-document). The file name for
+/// error messages comes from the `x-trellis-file` header. All or nothing: one invalid
+/// document rejects the whole request and nothing changes.
+async fn apply(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let dry_run = query(&req).get("dryRun").is_some_and(|v| v == "true");
+    let file = req
+        .headers()
+        .get("x-trellis-file")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("request")
+        .to_string();
+    let bytes = match Limited::new(req.into_body(), 4 * 1024 * 1024)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+    };
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        return error(StatusCode::BAD_REQUEST, "the body is not UTF-8 text");
+    };
+    let (loaded, errors) = trellis_api::resources::parse(std::path::Path::new(&file), text);
+    if !errors.is_empty() {
+        let messages: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        return reply(
+            StatusCode::BAD_REQUEST,
+            json!({ "error": messages.join("\n"), "errors": messages }),
+        );
+    }
+    match api.resources.apply(&loaded, dry_run) {
+        Ok((changes, version)) => reply(
+            StatusCode::OK,
+            json!({ "dry_run": dry_run, "version": version, "changes": changes }),
+        ),
+        Err(e) => state_error(e),
     }
 }

@@ -5,6 +5,7 @@
 pub mod grpc;
 pub mod http;
 pub mod identity;
+pub mod resources;
 pub mod state;
 
 use state::{CaSource, State, StateError};
@@ -153,8 +154,13 @@ pub async fn run(opts: ControlOptions) -> Result<(), ControlError> {
             }
         });
     }
+    let resources = {
+        let dir = opts.state_dir.clone();
+        Arc::new(resources::ResourceStore::open(&dir)?)
+    };
     let api = Arc::new(http::Api {
         state: state.clone(),
+        resources,
         ca_changed,
         default_token_ttl: opts.token_ttl,
         ca_validity: opts.ca.validity,

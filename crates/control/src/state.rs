@@ -139,7 +139,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
 }
 
 /// Writes a file atomically; `secret` files get mode 0600.
-fn write_atomic(path: &Path, data: &[u8], secret: bool) -> Result<(), StateError> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8], secret: bool) -> Result<(), StateError> {
     let tmp = path.with_extension("tmp");
     {
         let mut opts = fs::OpenOptions::new();

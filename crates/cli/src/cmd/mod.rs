@@ -4,6 +4,7 @@ pub mod analyze;
 pub mod ca;
 pub mod certs;
 pub mod control;
+pub mod resources;
 pub mod token;
 
 /// "in 3h 20m" / "2d 4h ago" for a Unix time relative to `now`.
