@@ -139,3 +139,74 @@ async fn apply_get_delete_with_dry_run_and_validation() {
     assert_eq!(code, Some(1));
     assert!(err.contains("unknown kind"), "{err}");
 }
+
+#[tokio::test]
+async fn a_watched_config_directory_is_applied_and_bad_changes_are_rejected() {
+    let dir = TempDir::new("gitops");
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(repo.join("edtech")).unwrap();
+    std::fs::write(repo.join("edtech/canary.yaml"), CANARY).unwrap();
+    let control = Control::start(BIN, &["--config-dir", repo.to_str().unwrap()]).await;
+    let weight = || {
+        let (code, out, _) = control.cli(&["get", "vs", "reviews", "-n", "edtech", "-o", "json"]);
+        (code == Some(0)).then(|| {
+            json(out.as_bytes())["spec"]["http"][0]["route"][1]["weight"]
+                .as_u64()
+                .unwrap()
+        })
+    };
+    trellis_testkit::wait::wait_for(
+        "the directory is loaded",
+        std::time::Duration::from_secs(5),
+        || {
+            let w = weight();
+            async move { w == Some(10) }
+        },
+    )
+    .await;
+
+    // An invalid change is rejected as a whole; the last good config stays.
+    std::fs::write(
+        repo.join("edtech/canary.yaml"),
+        CANARY.replace("weight: 10", "weight: 10\n      bogus: true"),
+    )
+    .unwrap();
+    trellis_testkit::wait::wait_for(
+        "the rejection is logged",
+        std::time::Duration::from_secs(5),
+        || {
+            let log = control.log();
+            async move { log.contains("config directory rejected") && log.contains("canary.yaml") }
+        },
+    )
+    .await;
+    assert_eq!(weight(), Some(10));
+
+    // A good change is applied; a removed file removes its resources.
+    std::fs::write(
+        repo.join("edtech/canary.yaml"),
+        CANARY
+            .replace("weight: 90", "weight: 50")
+            .replace("weight: 10", "weight: 50"),
+    )
+    .unwrap();
+    trellis_testkit::wait::wait_for(
+        "the change is applied",
+        std::time::Duration::from_secs(5),
+        || {
+            let w = weight();
+            async move { w == Some(50) }
+        },
+    )
+    .await;
+    std::fs::remove_file(repo.join("edtech/canary.yaml")).unwrap();
+    trellis_testkit::wait::wait_for(
+        "the resources are removed",
+        std::time::Duration::from_secs(5),
+        || {
+            let w = weight();
+            async move { w.is_none() }
+        },
+    )
+    .await;
+}

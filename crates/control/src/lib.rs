@@ -69,6 +69,8 @@ pub struct ControlOptions {
     pub token_ttl: Duration,
     /// Extra DNS names for the serving certificate.
     pub dns_names: Vec<String>,
+    /// A directory of resource YAML to load and watch (GitOps); it then owns the resources.
+    pub config_dir: Option<PathBuf>,
 }
 
 /// Issues the control plane's serving certificate: its mesh identity, `localhost`, loopback
@@ -158,6 +160,9 @@ pub async fn run(opts: ControlOptions) -> Result<(), ControlError> {
         let dir = opts.state_dir.clone();
         Arc::new(resources::ResourceStore::open(&dir)?)
     };
+    if let Some(dir) = &opts.config_dir {
+        tokio::spawn(watch_config_dir(dir.clone(), resources.clone()));
+    }
     let api = Arc::new(http::Api {
         state: state.clone(),
         resources,
@@ -187,4 +192,55 @@ pub async fn run(opts: ControlOptions) -> Result<(), ControlError> {
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;
     Ok(())
+}
+
+/// A fingerprint of a directory tree's YAML files: paths, sizes and modification times.
+fn fingerprint(dir: &std::path::Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+                let m = e.metadata().ok();
+                out.push((
+                    p,
+                    m.as_ref().map_or(0, |m| m.len()),
+                    m.and_then(|m| m.modified().ok()),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Loads `dir` now and whenever its files change (polled every second). A tree with any
+/// invalid document is rejected as a whole with a logged error; the last good config stays.
+async fn watch_config_dir(dir: PathBuf, store: Arc<resources::ResourceStore>) {
+    let mut last = None;
+    loop {
+        let print = fingerprint(&dir);
+        if last.as_ref() != Some(&print) {
+            last = Some(print);
+            let (loaded, errors) = trellis_api::resources::load(&dir);
+            if errors.is_empty() {
+                match store.replace_all(&loaded) {
+                    Ok((changes, version)) => {
+                        for c in changes.iter().filter(|c| c.action != "unchanged") {
+                            tracing::info!(object = %c.object, action = c.action, version, "config directory applied");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "storing the config directory failed"),
+                }
+            } else {
+                for e in &errors {
+                    tracing::error!(error = %e, "config directory rejected; keeping the last good config");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }

@@ -142,6 +142,45 @@ impl ResourceStore {
         Ok((changes, *version))
     }
 
+    /// Makes the stored set exactly `loaded` (GitOps: the config directory is the truth).
+    /// Returns the changes, deletions included, and the version.
+    pub fn replace_all(&self, loaded: &[Loaded]) -> Result<(Vec<Change>, u64), StateError> {
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (version, items) = &mut *guard;
+        let mut next = BTreeMap::new();
+        let mut changes = Vec::new();
+        for l in loaded {
+            let key = key_of(l);
+            let object = format!("{}/{}/{}", key.0, key.1, key.2);
+            let new = serde_json::to_value(&l.resource).unwrap_or_default();
+            let action = match items.get(&key) {
+                None => "created",
+                Some(old) if *old == new => "unchanged",
+                Some(_) => "configured",
+            };
+            next.insert(key, new);
+            changes.push(Change {
+                object,
+                action,
+                diff: String::new(),
+            });
+        }
+        for (k, _) in items.iter().filter(|(k, _)| !next.contains_key(*k)) {
+            changes.push(Change {
+                object: format!("{}/{}/{}", k.0, k.1, k.2),
+                action: "deleted",
+                diff: String::new(),
+            });
+        }
+        if changes.iter().all(|c| c.action == "unchanged") {
+            return Ok((changes, *version));
+        }
+        self.save(*version + 1, &next)?;
+        *version += 1;
+        *items = next;
+        Ok((changes, *version))
+    }
+
     /// Resources of `kind` (all kinds when `None`), optionally one namespace and name.
     pub fn list(
         &self,

@@ -44,6 +44,10 @@ pub struct ControlArgs {
     /// Extra DNS names for the control plane's serving certificate.
     #[arg(long)]
     dns_name: Vec<String>,
+    /// A directory of resource YAML (e.g. a Git checkout) to load and watch; changes are
+    /// validated and applied, an invalid change is rejected and the last good config stays.
+    #[arg(long)]
+    config_dir: Option<PathBuf>,
 }
 
 /// Runs the control plane until SIGTERM or SIGINT.
@@ -62,6 +66,7 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
         workload_cert_ttl: args.workload_cert_ttl.0,
         token_ttl: args.token_ttl.0,
         dns_names: args.dns_name,
+        config_dir: args.config_dir,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
