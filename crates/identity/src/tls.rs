@@ -335,9 +335,7 @@ impl ClientCertVerifier for BundleClientVerifier {
         self.current()?
             .verify_client_cert(end_entity, intermediates, now)?;
         if SpiffeId::from_cert_der(end_entity).is_empty() {
-            return Err(Error::InvalidCertificate(CertificateError::Other(
-                OtherError(Arc::new(NoSpiffeId)),
-            )));
+            return Err(no_spiffe_id());
         }
         Ok(ClientCertVerified::assertion())
     }
@@ -381,6 +379,11 @@ impl ClientCertVerifier for BundleClientVerifier {
 #[derive(Debug, thiserror::Error)]
 #[error("the certificate has no spiffe:// URI SAN")]
 struct NoSpiffeId;
+
+/// The rustls error for a peer certificate without a SPIFFE ID.
+fn no_spiffe_id() -> Error {
+    Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(NoSpiffeId))))
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("peer identity is {found}, expected {expected}")]
@@ -449,9 +452,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
                 )));
             }
         } else if found.is_empty() {
-            return Err(Error::InvalidCertificate(CertificateError::Other(
-                OtherError(Arc::new(NoSpiffeId)),
-            )));
+            return Err(no_spiffe_id());
         }
         Ok(ServerCertVerified::assertion())
     }
