@@ -7,10 +7,14 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-# System tools the end-to-end tests drive as real clients.
+# System tools the end-to-end tests drive as real clients, and what the build needs.
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# A real etcd cluster for the control plane's etcd store tests (testkit::etcd).
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+# The etcd client crate compiles etcd's protos with protoc at build time.
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   $SUDO apt-get update -qq

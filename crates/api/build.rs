@@ -3,7 +3,13 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile(["trellis/identity/v1/identity.proto"], ["proto"])?;
+    let fds = protox::compile(
+        [
+            "trellis/identity/v1/identity.proto",
+            "trellis/config/v1/config.proto",
+        ],
+        ["proto"],
+    )?;
     tonic_prost_build::configure().compile_fds(fds)?;
     Ok(())
 }

@@ -13,4 +13,8 @@ pub mod proto {
     pub mod identity {
         tonic::include_proto!("trellis.identity.v1");
     }
+    /// Config push and discovery (`trellis.config.v1`).
+    pub mod config {
+        tonic::include_proto!("trellis.config.v1");
+    }
 }

@@ -1,10 +1,12 @@
 //! `trellis demo`: an education platform on a real mesh.
 //!
-//! A `trellis control` process (CA and identity service), and six services, each a tiny
-//! built-in HTTP app behind its own `trellis proxy` process that joined with a token and talks
-//! mTLS to the others: `frontend` calls `user-authentication`, `user-profile`,
-//! `content-delivery`, `exam-engine` and `scoring-service`. A gentle load generator calls the
-//! frontend. Ctrl-C (or `--duration`) stops everything cleanly.
+//! A `trellis control` process (CA, identity, discovery, config push), and six services, each
+//! a tiny built-in HTTP app behind its own `trellis proxy` process that joined with a token,
+//! registered itself and talks mTLS to the others: `frontend` calls `user-authentication`,
+//! `user-profile`, `content-delivery`, `exam-engine` and `scoring-service`, found through the
+//! registry (no endpoint is configured anywhere). The mTLS policy is Istio YAML applied to the
+//! control plane and pushed to the proxies. A gentle load generator calls the frontend.
+//! Ctrl-C (or `--duration`) stops everything cleanly.
 
 use crate::api_client::call;
 use anyhow::{bail, Context as _};
@@ -95,7 +97,10 @@ impl Child_ {
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
         let child = Command::new(exe)
             .args(args)
-            .env("TRELLIS_LOG", "info")
+            .env(
+                "TRELLIS_LOG",
+                std::env::var("TRELLIS_DEMO_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -198,35 +203,21 @@ impl Service {
         })
     }
 
-    fn bootstrap(
-        &self,
-        outbound: Option<SocketAddr>,
-        upstreams: &[&Service],
-        policies: &Path,
-    ) -> anyhow::Result<String> {
-        let mut yaml = format!(
+    /// The proxy's bootstrap: who it is and its ports. Where the other services are, and
+    /// the mTLS policy, come from the control plane.
+    fn bootstrap(&self, outbound: Option<SocketAddr>) -> anyhow::Result<String> {
+        Ok(format!(
             "service: {}\nnamespace: {NAMESPACE}\nlabels: {{ app: {}, version: v1 }}\nadmin: {}\n\
-             resources: [{}]\n\
              outbound: {{ listen: {} }}\n\
-             inbound:\n  - listen: {}\n    app: {}\n",
+             inbound:\n  - listen: {}\n    app: {}\n\
+             readiness_path: /healthz\n",
             self.name,
             self.name,
             self.admin,
-            policies.display(),
             outbound.map_or("null".into(), |a| a.to_string()),
             self.inbound,
             self.app.local_addr()?,
-        );
-        if !upstreams.is_empty() {
-            yaml.push_str("upstreams:\n");
-            for u in upstreams {
-                yaml.push_str(&format!(
-                    "  - service: {}\n    endpoints: [{}]\n    identity: spiffe://cluster.local/ns/{NAMESPACE}/sa/{}\n    timeout: 2s\n",
-                    u.name, u.inbound, u.name
-                ));
-            }
-        }
-        Ok(yaml)
+        ))
     }
 }
 
@@ -268,6 +259,10 @@ async fn start_proxy(
             grpc.to_string(),
             "--token".into(),
             token_file.display().to_string(),
+            "--state-dir".into(),
+            dir.join(format!("{}-state", svc.name))
+                .display()
+                .to_string(),
             "--drain-timeout".into(),
             "2s".into(),
         ],
@@ -304,15 +299,27 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     let frontend = Service::new("frontend").await?;
     let frontend_out = free_port()?;
     // Istio YAML, as a team would keep it in Git: mTLS STRICT mesh-wide, except that the
-    // frontend, the edge of the platform, also takes plaintext from browsers.
+    // frontend, the edge of the platform, also takes plaintext from browsers. Applied to the
+    // control plane, which pushes each proxy what concerns it.
     let policies = dir.join("peer-authentication.yaml");
     std::fs::write(&policies, PEER_AUTHENTICATION)?;
+    let (code, answer) = crate::api_client::call_raw(
+        &api,
+        "POST",
+        "/api/v1/resources",
+        Some("peer-authentication.yaml"),
+        PEER_AUTHENTICATION.to_string(),
+    )
+    .await
+    .context("applying the mTLS policy")?;
+    if code != 200 {
+        bail!("applying the mTLS policy: {answer}");
+    }
     let mut proxies = Vec::new();
     for b in &backends {
-        proxies.push(start_proxy(b, b.bootstrap(None, &[], &policies)?, &dir, &api, grpc).await?);
+        proxies.push(start_proxy(b, b.bootstrap(None)?, &dir, &api, grpc).await?);
     }
-    let upstreams: Vec<&Service> = backends.iter().collect();
-    let yaml = frontend.bootstrap(Some(frontend_out), &upstreams, &policies)?;
+    let yaml = frontend.bootstrap(Some(frontend_out))?;
     proxies.push(start_proxy(&frontend, yaml, &dir, &api, grpc).await?);
 
     // The apps: each backend answers with a small JSON document; the frontend calls them all
@@ -331,7 +338,10 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     admins.push(("frontend", frontend.admin));
     tokio::spawn(serve_app(
         frontend.app,
-        move |_req: Request<Incoming>| async move {
+        move |req: Request<Incoming>| async move {
+            if req.uri().path() == "/healthz" {
+                return json_response(200, serde_json::json!({ "ready": true }));
+            }
             let mut parts = serde_json::Map::new();
             for name in BACKENDS {
                 let target = format!("http://{name}.{NAMESPACE}/api/v1/student/7");
@@ -368,12 +378,24 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
         })
         .await?;
     }
+    wait_until("the six proxies did not register and sync", async || {
+        let Ok(st) = call(&api, "GET", "/api/v1/status", None).await else {
+            return false;
+        };
+        let proxies = st["proxies"].as_array().cloned().unwrap_or_default();
+        proxies.len() == 6
+            && proxies
+                .iter()
+                .all(|p| p["in_sync"] == true && p["ready"] == true)
+    })
+    .await?;
 
     println!("Trellis demo is running: a control plane and six services, mTLS between every pair.");
     println!(
         "  the frontend (through its proxy):   curl http://{}/",
         frontend.inbound
     );
+    println!("  proxies, versions, sync:            trellis status --api {api}");
     println!("  identities and expiry:              trellis certs --api {api}");
     println!("  health checks:                      trellis check --api {api}");
     println!(
@@ -400,7 +422,18 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
                 tokio::spawn(async move {
                     match http_get(target, "/", "frontend.edtech").await {
                         Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
-                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                        other => {
+                            if failed.fetch_add(1, Ordering::Relaxed) < 3 {
+                                let why = match other {
+                                    Ok((code, body)) => {
+                                        format!("{code} {}", String::from_utf8_lossy(&body))
+                                    }
+                                    Err(e) => e.to_string(),
+                                };
+                                eprintln!("request failed: {why}");
+                            }
+                            0
+                        }
                     };
                 });
             }

@@ -75,12 +75,37 @@ enum Command {
         #[arg(short, long, value_parser = ["table", "json"], default_value = "table")]
         output: String,
     },
-    /// Check the mesh: control plane reachable, CA and workload certificates not expiring.
-    /// Exits 1 when a check fails.
+    /// Check the mesh: control plane and its store reachable, proxies in sync, CA and
+    /// workload certificates not expiring. Exits 1 when a check fails.
     Check {
         /// Output format.
         #[arg(short, long, value_parser = ["table", "json"], default_value = "table")]
         output: String,
+    },
+    /// Every connected proxy: address, readiness, config version and sync state, certificate
+    /// expiry. Exits 1 when a proxy is not in sync or refused its latest config.
+    Status {
+        /// Output format.
+        #[arg(short, long, value_parser = ["table", "json"], default_value = "table")]
+        output: String,
+    },
+    /// Save everything durable on the control plane (CA and its private key, tokens,
+    /// certificate ledger, resources) to FILE (mode 0600).
+    Backup {
+        /// The archive to write.
+        file: PathBuf,
+        /// Overwrite FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Restore a `trellis backup` archive into the control plane (same trust domain). Refused
+    /// when it already has tokens or resources, unless --force (which replaces them).
+    Restore {
+        /// The archive.
+        file: PathBuf,
+        /// Replace what the control plane has.
+        #[arg(long)]
+        force: bool,
     },
     /// Check Istio YAML offline (like `istioctl analyze`): schema, weights, hosts, subsets,
     /// shadowed routes, conflicting and risky policies. Exits 1 when there is an error.
@@ -131,12 +156,23 @@ struct ProxyArgs {
     #[arg(long)]
     workers: Option<usize>,
     /// Control plane gRPC address(es), `host:port[,host:port...]`: the workload certificate
-    /// is obtained and renewed there.
+    /// is obtained and renewed there, the workload registers, and config is pushed from
+    /// there. Tried in turn; the proxy fails over between them.
     #[arg(long, value_delimiter = ',')]
     control: Vec<String>,
     /// File holding the join token (`trellis token create`); needed with --control.
     #[arg(long)]
     token: Option<PathBuf>,
+    /// Keep the certificate and the last accepted config here, and start from them when the
+    /// control plane is unreachable (static stability).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Workload label `key=value` (repeatable), added to the bootstrap's `labels`.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// IP other workloads reach this one at (default: the address the control plane sees).
+    #[arg(long)]
+    advertise: Option<std::net::IpAddr>,
 }
 
 fn init_logs(filter: &str) {
@@ -195,14 +231,10 @@ fn main() -> ExitCode {
             namespace,
         } => report(cmd::resources::delete(&cli.api, &kind, &name, &namespace)),
         Command::Certs { output } => report(cmd::certs::certs(&cli.api, output == "json")),
-        Command::Check { output } => match cmd::certs::check(&cli.api, output == "json") {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::FAILURE,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Check { output } => report_ok(cmd::certs::check(&cli.api, output == "json")),
+        Command::Status { output } => report_ok(cmd::ops::status(&cli.api, output == "json")),
+        Command::Backup { file, force } => report(cmd::ops::backup(&cli.api, &file, force)),
+        Command::Restore { file, force } => report(cmd::ops::restore(&cli.api, &file, force)),
         Command::Analyze { paths, output } => cmd::analyze::run(&paths, output == "json"),
         Command::Ca(c) => report(cmd::ca::run(&cli.api, c)),
         Command::Demo(args) => match demo::run(args) {
@@ -225,14 +257,34 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// For commands whose `Ok(false)` means "ran, and found a problem" (exit 1).
+fn report_ok(r: anyhow::Result<bool>) -> ExitCode {
+    match r {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
 fn run_proxy(args: ProxyArgs) -> ExitCode {
-    let boot = match trellis_proxy::config::Bootstrap::load(&args.config) {
+    let mut boot = match trellis_proxy::config::Bootstrap::load(&args.config) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
+    boot.labels.extend(args.labels.iter().cloned());
     let control = match control_config(&args, &boot) {
         Ok(c) => c,
         Err(e) => {
@@ -245,6 +297,7 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
         drain_timeout: args.drain_timeout.0,
         metrics_retention: args.metrics_retention.0,
         control,
+        advertise: args.advertise,
     };
     let result = build_runtime(args.workers)
         .and_then(|rt| rt.block_on(trellis_proxy::run(boot, opts)).context("proxy"));
@@ -283,13 +336,34 @@ fn control_config(
     Ok(Some(trellis_proxy::identity_client::ControlConfig {
         addrs: args.control.clone(),
         token,
-        instance: format!(
-            "{}-{:08x}",
-            boot.service,
-            std::process::id() ^ fastrand_seed()
-        ),
+        instance: instance_id(args.state_dir.as_deref(), &boot.service)?,
         address,
+        state_dir: args.state_dir.clone(),
     }))
+}
+
+/// This proxy's instance id: kept in the state directory so a restarted proxy is the same
+/// instance to the control plane (its certificate ledger entry and renewals).
+fn instance_id(state_dir: Option<&std::path::Path>, service: &str) -> anyhow::Result<String> {
+    let fresh = format!("{service}-{:08x}", std::process::id() ^ fastrand_seed());
+    let Some(dir) = state_dir else {
+        return Ok(fresh);
+    };
+    let file = dir.join(trellis_proxy::pushed::state_dir::INSTANCE);
+    if let Ok(saved) = std::fs::read_to_string(&file) {
+        let saved = saved.trim();
+        if !saved.is_empty() {
+            return Ok(saved.to_string());
+        }
+    }
+    trellis_proxy::pushed::state_dir::write(
+        dir,
+        trellis_proxy::pushed::state_dir::INSTANCE,
+        fresh.as_bytes(),
+        false,
+    )
+    .with_context(|| format!("{}", file.display()))?;
+    Ok(fresh)
 }
 
 /// A few random bits for instance ids, without another dependency.

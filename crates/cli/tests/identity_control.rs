@@ -375,9 +375,9 @@ async fn an_operator_supplied_intermediate_ca_issues_the_mesh_identities() {
             .0,
         200
     );
-    // The key file the control plane keeps is private.
+    // The store file holding the CA key is private.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(control.state_dir().join("ca-key.pem"))
+    let mode = std::fs::metadata(control.state_dir().join("store.json"))
         .unwrap()
         .permissions()
         .mode();

@@ -1,5 +1,6 @@
 //! The control plane's gRPC listener: TLS with the control plane's own mesh certificate
-//! (client certificates optional, verified when presented), then tonic.
+//! (client certificates optional, verified when presented), then tonic: the identity service
+//! and the config stream.
 
 use crate::identity::{IdentityService, PeerInfo};
 use std::io;
@@ -12,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use trellis_api::proto::config::config_server::ConfigServer;
 use trellis_api::proto::identity::identity_server::IdentityServer;
 use trellis_identity::tls::{peer_identity, ALPN_H2};
 use trellis_identity::IdentityStore;
@@ -60,6 +62,7 @@ pub async fn serve(
     listener: TcpListener,
     store: Arc<IdentityStore>,
     service: IdentityService,
+    push: crate::push::PushService,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let acceptor = TlsAcceptor::from(store.server_config_client_cert_optional(&[ALPN_H2]));
@@ -103,7 +106,10 @@ pub async fn serve(
     let incoming =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(IdentityServer::new(service))
+        .add_service(ConfigServer::new(push))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
 }

@@ -76,7 +76,14 @@ fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response<Full<Bytes
 async fn body_json<T: for<'de> Deserialize<'de>>(
     req: Request<Incoming>,
 ) -> Result<T, Response<Full<Bytes>>> {
-    let bytes = Limited::new(req.into_body(), 64 * 1024)
+    body_json_limited(req, 64 * 1024).await
+}
+
+async fn body_json_limited<T: for<'de> Deserialize<'de>>(
+    req: Request<Incoming>,
+    limit: usize,
+) -> Result<T, Response<Full<Bytes>>> {
+    let bytes = Limited::new(req.into_body(), limit)
         .collect()
         .await
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")))?
@@ -114,10 +121,35 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method().clone(), segments.as_slice()) {
-        (Method::GET, ["api", "v1", "health"]) => reply(
-            StatusCode::OK,
-            json!({ "status": "ok", "trust_domain": api.state.trust_domain() }),
-        ),
+        (Method::GET, ["api", "v1", "health"]) => match api.state.store().health().await {
+            Ok(store) => reply(
+                StatusCode::OK,
+                json!({ "status": "ok", "trust_domain": api.state.trust_domain(), "store": store }),
+            ),
+            Err(e) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "status": "store unavailable", "error": e.to_string(), "trust_domain": api.state.trust_domain(), "store": api.state.store().describe() }),
+            ),
+        },
+        (Method::GET, ["api", "v1", "status"]) => match crate::ops::status(api).await {
+            Ok(v) => reply(StatusCode::OK, v),
+            Err(e) => state_error(e),
+        },
+        (Method::GET, ["api", "v1", "backup"]) => match crate::ops::backup(api).await {
+            Ok(v) => reply(StatusCode::OK, v),
+            Err(e) => state_error(e),
+        },
+        (Method::POST, ["api", "v1", "restore"]) => {
+            let force = query(&req).get("force").is_some_and(|v| v == "true");
+            let archive: crate::ops::Backup = match body_json_limited(req, 256 << 20).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            match crate::ops::restore(api, archive, force).await {
+                Ok(v) => reply(StatusCode::OK, v),
+                Err(e) => state_error(e),
+            }
+        }
         (Method::POST, ["api", "v1", "tokens"]) => {
             let new: NewToken = match body_json(req).await {
                 Ok(n) => n,
@@ -128,6 +160,7 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             match api
                 .state
                 .create_token(&new.service, ns, new.service_account.as_deref(), ttl)
+                .await
             {
                 Ok((token, rec)) => reply(
                     StatusCode::CREATED,
@@ -142,9 +175,11 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         (Method::GET, ["api", "v1", "tokens"]) => {
-            let tokens: Vec<Value> = api
-                .state
-                .tokens()
+            let tokens = match api.state.tokens().await {
+                Ok(t) => t,
+                Err(e) => return state_error(e),
+            };
+            let tokens: Vec<Value> = tokens
                 .into_iter()
                 .map(|t| {
                     json!({
@@ -157,7 +192,7 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 .collect();
             reply(StatusCode::OK, json!({ "tokens": tokens }))
         }
-        (Method::DELETE, ["api", "v1", "tokens", id]) => match api.state.revoke_token(id) {
+        (Method::DELETE, ["api", "v1", "tokens", id]) => match api.state.revoke_token(id).await {
             Ok(rec) => reply(StatusCode::OK, json!({ "id": rec.id, "revoked": true })),
             Err(StateError::Invalid(m)) => error(StatusCode::NOT_FOUND, m),
             Err(e) => state_error(e),
@@ -170,13 +205,18 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                     "trust_roots": ca.bundle().len(),
                 })
             });
+            let (rotation, workloads) =
+                match (api.state.rotation_phase().await, api.state.certs().await) {
+                    (Ok(r), Ok(w)) => (r, w),
+                    (Err(e), _) | (_, Err(e)) => return state_error(e),
+                };
             reply(
                 StatusCode::OK,
                 json!({
                     "now": now(),
                     "ca": ca,
-                    "rotation": api.state.rotation_phase(),
-                    "workloads": api.state.certs(),
+                    "rotation": rotation,
+                    "workloads": workloads,
                 }),
             )
         }
@@ -185,7 +225,7 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 Ok(r) => r,
                 Err(resp) => return resp,
             };
-            match api.state.rotate(&r.step, api.ca_validity) {
+            match api.state.rotate(&r.step, api.ca_validity).await {
                 Ok(phase) => {
                     api.ca_changed.notify_one();
                     let (pin, roots) = api.state.with_ca(|ca| (ca.pin(), ca.bundle().len()));
@@ -200,21 +240,27 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (Method::POST, ["api", "v1", "resources"]) => apply(api, req).await,
         (Method::GET, ["api", "v1", "resources"]) => {
             let q = query(&req);
-            let items = api.resources.list(
-                q.get("kind").map(String::as_str),
-                q.get("namespace").map(String::as_str),
-                q.get("name").map(String::as_str),
-            );
-            reply(
-                StatusCode::OK,
-                json!({ "version": api.resources.version(), "items": items }),
-            )
+            let listed = api
+                .resources
+                .list(
+                    q.get("kind").map(String::as_str),
+                    q.get("namespace").map(String::as_str),
+                    q.get("name").map(String::as_str),
+                )
+                .await;
+            match (listed, api.resources.version().await) {
+                (Ok(items), Ok(version)) => reply(
+                    StatusCode::OK,
+                    json!({ "version": version, "items": items }),
+                ),
+                (Err(e), _) | (_, Err(e)) => state_error(e),
+            }
         }
         (Method::DELETE, ["api", "v1", "resources", kind, namespace, name]) => {
-            match api.resources.delete(kind, namespace, name) {
+            match api.resources.delete(kind, namespace, name).await {
                 Ok(true) => reply(
                     StatusCode::OK,
-                    json!({ "deleted": format!("{kind}/{namespace}/{name}"), "version": api.resources.version() }),
+                    json!({ "deleted": format!("{kind}/{namespace}/{name}"), "version": api.resources.version().await.unwrap_or(0) }),
                 ),
                 Ok(false) => error(
                     StatusCode::NOT_FOUND,
@@ -269,7 +315,7 @@ async fn apply(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             json!({ "error": messages.join("\n"), "errors": messages }),
         );
     }
-    match api.resources.apply(&loaded, dry_run) {
+    match api.resources.apply(&loaded, dry_run).await {
         Ok((changes, version)) => reply(
             StatusCode::OK,
             json!({ "dry_run": dry_run, "version": version, "changes": changes }),

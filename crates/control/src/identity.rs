@@ -34,6 +34,7 @@ fn refusal_status(r: TokenRefusal) -> Status {
         TokenRefusal::Revoked(_) | TokenRefusal::Expired(_) => {
             Status::permission_denied(r.to_string())
         }
+        TokenRefusal::Unavailable(_) => Status::unavailable(r.to_string()),
     }
 }
 
@@ -54,30 +55,35 @@ impl Identity for IdentityService {
             return Err(Status::invalid_argument("CSR too large"));
         }
         let (allowed, token_id) = if !req.token.is_empty() {
-            self.state.check_token(&req.token).map_err(refusal_status)?
+            let (id, rec) = self
+                .state
+                .check_token(&req.token)
+                .await
+                .map_err(refusal_status)?;
+            (id, rec.id)
         } else if let Some(id) = tls_peer {
             // A renewal: the certificate proves the identity; the token it joined with must
             // not have been revoked since.
-            let token_id = self
+            let token = self
                 .state
                 .renewal_token(&req.instance, &id)
+                .await
                 .map_err(refusal_status)?;
-            (id, token_id)
+            (id, token.id)
         } else {
             return Err(Status::unauthenticated(
                 "a join token, or a valid mesh certificate presented over mTLS, is required",
             ));
         };
-        let state = self.state.clone();
         let ttl = self.cert_ttl;
         let address = if req.address.is_empty() {
             peer.map(|p| p.to_string()).unwrap_or_default()
         } else {
             req.address
         };
-        // Signing is CPU work and writes the ledger: keep it off the async threads.
-        let result = tokio::task::spawn_blocking(move || {
-            state.certify(
+        let result = self
+            .state
+            .certify(
                 &req.csr_pem,
                 &allowed,
                 ttl,
@@ -85,9 +91,7 @@ impl Identity for IdentityService {
                 &address,
                 &token_id,
             )
-        })
-        .await
-        .map_err(|_| Status::internal("signing task failed"))?;
+            .await;
         match result {
             Ok((issued, bundle)) => {
                 tracing::info!(identity = %issued.id, serial = %issued.serial, not_after = issued.not_after, "issued a workload certificate");
@@ -102,6 +106,7 @@ impl Identity for IdentityService {
                 tracing::warn!(error = %e, "refused a CSR");
                 Err(Status::permission_denied(e.to_string()))
             }
+            Err(StateError::Invalid(m)) => Err(Status::invalid_argument(m)),
             Err(StateError::Ca(e @ CaError::BadCsr(_))) => {
                 Err(Status::invalid_argument(e.to_string()))
             }

@@ -1,12 +1,16 @@
 //! The Trellis control plane (`trellis control`): the mesh CA and identity service, its
-//! durable state, and the HTTP API the CLI talks to. Discovery and config push join the same
-//! process with the control-plane issue.
+//! store (embedded or etcd), discovery and config push, and the HTTP API the CLI talks to.
 
+pub mod compile;
 pub mod grpc;
 pub mod http;
 pub mod identity;
+pub mod ops;
+pub mod push;
+pub mod registry;
 pub mod resources;
 pub mod state;
+pub mod store;
 
 use state::{CaSource, State, StateError};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -31,9 +35,12 @@ pub fn control_identity(trust_domain: &str) -> Option<SpiffeId> {
 /// Failures that stop the control plane.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    /// State directory trouble.
+    /// State trouble.
     #[error(transparent)]
     State(#[from] StateError),
+    /// Store trouble.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -53,8 +60,10 @@ pub enum ControlError {
 /// `trellis control` options.
 #[derive(Clone, Debug)]
 pub struct ControlOptions {
-    /// State directory (CA, tokens, ledger).
+    /// State directory (the embedded store's data).
     pub state_dir: PathBuf,
+    /// `embedded` or `etcd://host:port[,...]`.
+    pub store: String,
     /// Trust domain of issued identities.
     pub trust_domain: String,
     /// gRPC (identity service) address.
@@ -71,6 +80,8 @@ pub struct ControlOptions {
     pub dns_names: Vec<String>,
     /// A directory of resource YAML to load and watch (GitOps); it then owns the resources.
     pub config_dir: Option<PathBuf>,
+    /// Namespace whose selector-less policies apply mesh-wide (Istio's root namespace).
+    pub root_namespace: String,
 }
 
 /// Issues the control plane's serving certificate: its mesh identity, `localhost`, loopback
@@ -107,15 +118,9 @@ fn install_serving_cert(
 
 /// Runs the control plane until SIGTERM or SIGINT.
 pub async fn run(opts: ControlOptions) -> Result<(), ControlError> {
-    let state = {
-        let opts = opts.clone();
-        tokio::task::spawn_blocking(move || {
-            State::open(&opts.state_dir, &opts.trust_domain, &opts.ca)
-        })
-        .await
-        .map_err(|e| ControlError::Serving(e.to_string()))??
-    };
-    let state = Arc::new(state);
+    let kv = Arc::new(store::Store::open(&opts.store, &opts.state_dir).await?);
+    tracing::info!(store = %kv.describe(), "store opened");
+    let state = Arc::new(State::open(kv.clone(), &opts.trust_domain, &opts.ca).await?);
     let store = IdentityStore::new();
     install_serving_cert(&state, &store, &opts)?;
 
@@ -136,6 +141,23 @@ pub async fn run(opts: ControlOptions) -> Result<(), ControlError> {
     let shutdown = CancellationToken::new();
     let ca_changed = Arc::new(Notify::new());
 
+    // A CA change through any replica (rotation, restore): reload it, re-issue our cert.
+    {
+        let (state, changed) = (state.clone(), ca_changed.clone());
+        let mut ca_rev = kv.subscribe("ca/");
+        tokio::spawn(async move {
+            while ca_rev.changed().await.is_ok() {
+                match state.reload_ca().await {
+                    Ok(true) => {
+                        tracing::info!(pin = %state.with_ca(|c| c.pin()), "CA changed in the store; reloaded");
+                        changed.notify_one();
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "reloading the CA failed"),
+                }
+            }
+        });
+    }
     // Keep the serving certificate fresh, and re-issue it when the CA changes.
     {
         let (state, store, opts, changed) = (
@@ -156,10 +178,7 @@ pub async fn run(opts: ControlOptions) -> Result<(), ControlError> {
             }
         });
     }
-    let resources = {
-        let dir = opts.state_dir.clone();
-        Arc::new(resources::ResourceStore::open(&dir)?)
-    };
+    let resources = Arc::new(resources::ResourceStore::new(kv.clone()));
     if let Some(dir) = &opts.config_dir {
         tokio::spawn(watch_config_dir(dir.clone(), resources.clone()));
     }
@@ -177,7 +196,28 @@ pub async fn run(opts: ControlOptions) -> Result<(), ControlError> {
     };
     let pin = state.with_ca(|ca| ca.pin());
     tracing::info!(grpc = %opts.grpc, http = %opts.http, trust_domain = %opts.trust_domain, ca_pin = %pin, "control plane ready");
-    let grpc = tokio::spawn(grpc::serve(grpc_listener, store, service, shutdown.clone()));
+    let (compiled_tx, compiled_rx) =
+        tokio::sync::watch::channel(Arc::new(compile::Compiled::empty(&opts.root_namespace)));
+    tokio::spawn(push::compile_forever(
+        kv.clone(),
+        opts.root_namespace.clone(),
+        compiled_tx,
+    ));
+    let push = push::PushService {
+        state: state.clone(),
+        store: kv.clone(),
+        compiled: compiled_rx,
+        replica: grpc_listener
+            .local_addr()
+            .map_or_else(|_| opts.grpc.to_string(), |a| a.to_string()),
+    };
+    let grpc = tokio::spawn(grpc::serve(
+        grpc_listener,
+        store,
+        service,
+        push,
+        shutdown.clone(),
+    ));
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term =
@@ -227,7 +267,7 @@ async fn watch_config_dir(dir: PathBuf, store: Arc<resources::ResourceStore>) {
             last = Some(print);
             let (loaded, errors) = trellis_api::resources::load(&dir);
             if errors.is_empty() {
-                match store.replace_all(&loaded) {
+                match store.replace_all(&loaded).await {
                     Ok((changes, version)) => {
                         for c in changes.iter().filter(|c| c.action != "unchanged") {
                             tracing::info!(object = %c.object, action = c.action, version, "config directory applied");

@@ -1,33 +1,27 @@
-//! The resources a team applies (Istio YAML), validated before they are stored, versioned, and
-//! kept in the state directory (`resources.json`, written atomically).
+//! The resources a team applies (Istio YAML), validated before they are stored, under
+//! `resources/<Kind>/<namespace>/<name>` in the [`Store`].
 //!
-//! Every change bumps the config version that proxies will be pushed (config push is the
-//! next step of the control-plane issue).
+//! Every change also rewrites `meta/resources` in the same commit: the revision of that key is
+//! the config version the API reports.
 
-use crate::state::{write_atomic, StateError};
-use serde::{Deserialize, Serialize};
+use crate::state::StateError;
+use crate::store::{Op, Store};
+use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::Arc;
 use trellis_api::analyze::kind_and_meta;
 use trellis_api::resources::Loaded;
 
-/// `(kind, namespace, name)`.
-type Key = (String, String, String);
-
-#[derive(Default, Serialize, Deserialize)]
-struct StoreFile {
-    version: u64,
-    items: Vec<Value>,
-}
+const PREFIX: &str = "resources/";
+const META: &str = "meta/resources";
 
 /// What applying one resource did (or would do, in a dry run).
 #[derive(Clone, Debug, Serialize)]
 pub struct Change {
     /// `Kind/namespace/name`.
     pub object: String,
-    /// `created`, `configured` or `unchanged`.
+    /// `created`, `configured`, `unchanged` or `deleted`.
     pub action: &'static str,
     /// Unified diff of the YAML, live against applied (empty when unchanged).
     pub diff: String,
@@ -35,17 +29,18 @@ pub struct Change {
 
 /// The stored resources.
 pub struct ResourceStore {
-    path: PathBuf,
-    inner: Mutex<(u64, BTreeMap<Key, Value>)>,
+    store: Arc<Store>,
+    /// Serializes this replica's read-compare-write cycles.
+    writing: tokio::sync::Mutex<()>,
 }
 
-fn key_of(l: &Loaded) -> Key {
+fn key_of(l: &Loaded) -> String {
     let (kind, meta) = kind_and_meta(&l.resource);
-    (
-        kind.to_string(),
-        meta.namespace().to_string(),
-        meta.name.clone(),
-    )
+    format!("{PREFIX}{kind}/{}/{}", meta.namespace(), meta.name)
+}
+
+fn object_of(key: &str) -> &str {
+    key.strip_prefix(PREFIX).unwrap_or(key)
 }
 
 fn yaml(v: &Value) -> String {
@@ -53,67 +48,59 @@ fn yaml(v: &Value) -> String {
 }
 
 impl ResourceStore {
-    /// Opens `resources.json` in `dir` (empty when absent).
-    pub fn open(dir: &Path) -> Result<Self, StateError> {
-        let path = dir.join("resources.json");
-        let file: StoreFile = match std::fs::read_to_string(&path) {
-            Ok(s) => serde_json::from_str(&s).map_err(|e| StateError::Corrupt {
-                path: path.clone(),
-                message: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StoreFile::default(),
-            Err(source) => return Err(StateError::Io { path, source }),
-        };
-        let mut items = BTreeMap::new();
-        for v in file.items {
-            let key = (
-                v["kind"].as_str().unwrap_or_default().to_string(),
-                v["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or("default")
-                    .to_string(),
-                v["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-            );
-            items.insert(key, v);
+    /// The resources in `store`.
+    pub fn new(store: Arc<Store>) -> Self {
+        Self {
+            store,
+            writing: tokio::sync::Mutex::new(()),
         }
-        Ok(Self {
-            path,
-            inner: Mutex::new((file.version, items)),
-        })
     }
 
-    /// The config version (bumped by every change).
-    pub fn version(&self) -> u64 {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).0
+    /// The config version: the store revision of the last resource change.
+    pub async fn version(&self) -> Result<u64, StateError> {
+        Ok(self.store.get(META).await?.map_or(0, |e| e.mod_revision))
     }
 
-    fn save(&self, version: u64, items: &BTreeMap<Key, Value>) -> Result<(), StateError> {
-        let file = StoreFile {
-            version,
-            items: items.values().cloned().collect(),
-        };
-        let json = serde_json::to_vec_pretty(&file).unwrap_or_default();
-        write_atomic(&self.path, &json, false)
+    async fn current(&self) -> Result<BTreeMap<String, Value>, StateError> {
+        let (items, _) = self.store.list(PREFIX).await?;
+        items
+            .into_iter()
+            .map(|(k, e)| {
+                serde_json::from_str(&e.value)
+                    .map(|v| (k.clone(), v))
+                    .map_err(|err| StateError::Corrupt {
+                        key: k,
+                        message: err.to_string(),
+                    })
+            })
+            .collect()
+    }
+
+    /// Every stored resource document.
+    pub async fn all(&self) -> Result<Vec<Value>, StateError> {
+        Ok(self.current().await?.into_values().collect())
+    }
+
+    async fn commit(&self, mut ops: Vec<Op>) -> Result<u64, StateError> {
+        ops.push(Op::Put(META.into(), crate::state::now().to_string()));
+        Ok(self.store.commit(ops).await?)
     }
 
     /// Applies validated resources (all or nothing); with `dry_run` only reports the changes.
-    pub fn apply(
+    pub async fn apply(
         &self,
         loaded: &[Loaded],
         dry_run: bool,
     ) -> Result<(Vec<Change>, u64), StateError> {
-        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let (version, items) = &mut *guard;
-        let mut next = items.clone();
+        let _guard = self.writing.lock().await;
+        let live = self.current().await?;
+        let mut ops = Vec::new();
         let mut changes = Vec::new();
         for l in loaded {
             let key = key_of(l);
-            let object = format!("{}/{}/{}", key.0, key.1, key.2);
+            let object = object_of(&key).to_string();
             let new = serde_json::to_value(&l.resource).unwrap_or_default();
-            let (action, diff) = match next.get(&key) {
+            let (action, diff) = match live.get(&key) {
                 None => ("created", String::new()),
                 Some(old) if *old == new => ("unchanged", String::new()),
                 Some(old) => {
@@ -125,95 +112,96 @@ impl ResourceStore {
                     ("configured", diff)
                 }
             };
-            next.insert(key, new);
+            if action != "unchanged" {
+                ops.push(Op::Put(key, new.to_string()));
+            }
             changes.push(Change {
                 object,
                 action,
                 diff,
             });
         }
-        let changed = changes.iter().any(|c| c.action != "unchanged");
-        if dry_run || !changed {
-            return Ok((changes, *version));
+        if dry_run || ops.is_empty() {
+            return Ok((changes, self.version().await?));
         }
-        self.save(*version + 1, &next)?;
-        *version += 1;
-        *items = next;
-        Ok((changes, *version))
+        Ok((changes, self.commit(ops).await?))
     }
 
     /// Makes the stored set exactly `loaded` (GitOps: the config directory is the truth).
     /// Returns the changes, deletions included, and the version.
-    pub fn replace_all(&self, loaded: &[Loaded]) -> Result<(Vec<Change>, u64), StateError> {
-        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let (version, items) = &mut *guard;
-        let mut next = BTreeMap::new();
+    pub async fn replace_all(&self, loaded: &[Loaded]) -> Result<(Vec<Change>, u64), StateError> {
+        let _guard = self.writing.lock().await;
+        let live = self.current().await?;
+        let mut ops = Vec::new();
         let mut changes = Vec::new();
+        let mut wanted = std::collections::BTreeSet::new();
         for l in loaded {
             let key = key_of(l);
-            let object = format!("{}/{}/{}", key.0, key.1, key.2);
             let new = serde_json::to_value(&l.resource).unwrap_or_default();
-            let action = match items.get(&key) {
+            let action = match live.get(&key) {
                 None => "created",
                 Some(old) if *old == new => "unchanged",
                 Some(_) => "configured",
             };
-            next.insert(key, new);
+            if action != "unchanged" {
+                ops.push(Op::Put(key.clone(), new.to_string()));
+            }
             changes.push(Change {
-                object,
+                object: object_of(&key).to_string(),
                 action,
                 diff: String::new(),
             });
+            wanted.insert(key);
         }
-        for (k, _) in items.iter().filter(|(k, _)| !next.contains_key(*k)) {
+        for k in live.keys().filter(|k| !wanted.contains(*k)) {
             changes.push(Change {
-                object: format!("{}/{}/{}", k.0, k.1, k.2),
+                object: object_of(k).to_string(),
                 action: "deleted",
                 diff: String::new(),
             });
+            ops.push(Op::Delete(k.clone()));
         }
-        if changes.iter().all(|c| c.action == "unchanged") {
-            return Ok((changes, *version));
+        if ops.is_empty() {
+            return Ok((changes, self.version().await?));
         }
-        self.save(*version + 1, &next)?;
-        *version += 1;
-        *items = next;
-        Ok((changes, *version))
+        Ok((changes, self.commit(ops).await?))
     }
 
     /// Resources of `kind` (all kinds when `None`), optionally one namespace and name.
-    pub fn list(
+    pub async fn list(
         &self,
         kind: Option<&str>,
         namespace: Option<&str>,
         name: Option<&str>,
-    ) -> Vec<Value> {
-        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        guard
-            .1
-            .iter()
-            .filter(|((k, ns, n), _)| {
-                kind.is_none_or(|x| x == k)
-                    && namespace.is_none_or(|x| x == ns)
-                    && name.is_none_or(|x| x == n)
+    ) -> Result<Vec<Value>, StateError> {
+        Ok(self
+            .current()
+            .await?
+            .into_iter()
+            .filter(|(k, _)| {
+                let mut parts = object_of(k).splitn(3, '/');
+                let (k, ns, n) = (parts.next(), parts.next(), parts.next());
+                kind.is_none_or(|x| Some(x) == k)
+                    && namespace.is_none_or(|x| Some(x) == ns)
+                    && name.is_none_or(|x| Some(x) == n)
             })
-            .map(|(_, v)| v.clone())
-            .collect()
+            .map(|(_, v)| v)
+            .collect())
     }
 
     /// Deletes one resource; `false` when it did not exist.
-    pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Result<bool, StateError> {
-        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let (version, items) = &mut *guard;
-        let key = (kind.to_string(), namespace.to_string(), name.to_string());
-        if !items.contains_key(&key) {
+    pub async fn delete(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<bool, StateError> {
+        let _guard = self.writing.lock().await;
+        let key = format!("{PREFIX}{kind}/{namespace}/{name}");
+        if self.store.get(&key).await?.is_none() {
             return Ok(false);
         }
-        let mut next = items.clone();
-        next.remove(&key);
-        self.save(*version + 1, &next)?;
-        *version += 1;
-        *items = next;
+        self.commit(vec![Op::Delete(key)]).await?;
         Ok(true)
     }
 }

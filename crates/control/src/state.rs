@@ -1,15 +1,12 @@
-//! The control plane's durable state in its state directory (the embedded store): CA
-//! material, the trust bundle, join tokens and the ledger of issued certificates.
-//!
-//! Files are small JSON/PEM documents written atomically (write to a temporary file, fsync,
-//! rename). Key files are created with mode 0600.
+//! The control plane's durable identity state, kept in the [`Store`]: CA material and the
+//! rotation phase (`ca/...`), join tokens (`tokens/<id>`) and the ledger of issued
+//! certificates (`certs/<instance>`). The CA is cached in memory and reloaded when `ca/`
+//! changes (a rotation or a restore through any replica).
 
+use crate::store::{Op, Store, StoreError};
 use serde::{Deserialize, Serialize};
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use trellis_identity::ca::{CaError, Issued};
 use trellis_identity::token::{constant_time_eq, hash_secret, JoinToken};
@@ -18,7 +15,7 @@ use trellis_identity::{CertificateAuthority, SpiffeId};
 /// Why the state could not be read, written or used.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// File system trouble.
+    /// A file named on the command line could not be read.
     #[error("{path}: {source}")]
     Io {
         /// The file.
@@ -26,14 +23,17 @@ pub enum StateError {
         /// Why.
         source: std::io::Error,
     },
-    /// A state file is corrupt.
-    #[error("{path}: {message}")]
+    /// A stored value is corrupt.
+    #[error("{key}: {message}")]
     Corrupt {
-        /// The file.
-        path: PathBuf,
+        /// The key.
+        key: String,
         /// Why.
         message: String,
     },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// CA trouble.
     #[error(transparent)]
     Ca(#[from] CaError),
@@ -122,57 +122,18 @@ pub fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The state directory and what is loaded from it.
+const CA_CERT: &str = "ca/cert.pem";
+const CA_KEY: &str = "ca/key.pem";
+const CA_BUNDLE: &str = "ca/bundle.pem";
+const CA_NEXT_CERT: &str = "ca/next-cert.pem";
+const CA_NEXT_KEY: &str = "ca/next-key.pem";
+const CA_ROTATION: &str = "ca/rotation";
+
+/// The identity state and the cached CA.
 pub struct State {
-    dir: PathBuf,
+    store: Arc<Store>,
     trust_domain: String,
     ca: RwLock<CertificateAuthority>,
-    tokens: Mutex<Vec<TokenRecord>>,
-    ledger: Mutex<Vec<CertRecord>>,
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
-    move |source| StateError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// Writes a file atomically; `secret` files get mode 0600.
-pub(crate) fn write_atomic(path: &Path, data: &[u8], secret: bool) -> Result<(), StateError> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut opts = fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        if secret {
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(data).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-    }
-    fs::rename(&tmp, path).map_err(io_err(path))
-}
-
-fn read_opt(path: &Path) -> Result<Option<String>, StateError> {
-    match fs::read_to_string(path) {
-        Ok(s) => Ok(Some(s)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(StateError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        }),
-    }
-}
-
-fn read_json<T: for<'de> Deserialize<'de> + Default>(path: &Path) -> Result<T, StateError> {
-    match read_opt(path)? {
-        None => Ok(T::default()),
-        Some(s) => serde_json::from_str(&s).map_err(|e| StateError::Corrupt {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        }),
-    }
 }
 
 fn check_name(what: &str, v: &str) -> Result<(), StateError> {
@@ -191,18 +152,50 @@ fn check_name(what: &str, v: &str) -> Result<(), StateError> {
     }
 }
 
+/// Whether `v` may be used as a store key segment (proxy instance ids, token ids).
+pub fn valid_id(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !v.starts_with('.')
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(key: &str, value: &str) -> Result<T, StateError> {
+    serde_json::from_str(value).map_err(|e| StateError::Corrupt {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+fn ca_ops(ca: &CertificateAuthority) -> Vec<Op> {
+    vec![
+        Op::Put(CA_KEY.into(), ca.key_pem().to_string()),
+        Op::Put(CA_CERT.into(), ca.cert_file_pem()),
+        Op::Put(CA_BUNDLE.into(), ca.bundle_pem()),
+    ]
+}
+
 impl State {
-    /// Opens (creating if needed) the state in `dir`: loads the CA or creates/imports one.
-    pub fn open(dir: &Path, trust_domain: &str, source: &CaSource) -> Result<Self, StateError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let (cert_path, key_path, bundle_path) = (
-            dir.join("ca.pem"),
-            dir.join("ca-key.pem"),
-            dir.join("bundle.pem"),
-        );
+    /// Loads the CA from the store, or imports the operator's (`source`), or creates one (the
+    /// first replica to start wins; the others load it).
+    pub async fn open(
+        store: Arc<Store>,
+        trust_domain: &str,
+        source: &CaSource,
+    ) -> Result<Self, StateError> {
         let ca = match (&source.cert, &source.key) {
             (Some(cert), Some(key)) => {
-                let read = |p: &PathBuf| fs::read_to_string(p).map_err(io_err(p));
+                let read = |p: &PathBuf| {
+                    std::fs::read_to_string(p).map_err(|source| StateError::Io {
+                        path: p.clone(),
+                        source,
+                    })
+                };
                 let bundle = source.bundle.as_ref().map(read).transpose()?;
                 let ca = CertificateAuthority::from_pem(
                     trust_domain,
@@ -211,17 +204,29 @@ impl State {
                     bundle.as_deref(),
                 )?;
                 tracing::info!(cert = %cert.display(), "using the operator-supplied CA");
+                store.commit(ca_ops(&ca)).await?;
                 ca
             }
-            (None, None) => match (read_opt(&cert_path)?, read_opt(&key_path)?) {
-                (Some(cert), Some(key)) => {
-                    let bundle = read_opt(&bundle_path)?;
-                    CertificateAuthority::from_pem(trust_domain, &cert, &key, bundle.as_deref())?
-                }
-                _ => {
+            (None, None) => match Self::load_ca(&store, trust_domain).await? {
+                Some(ca) => ca,
+                None => {
                     let ca = CertificateAuthority::generate(trust_domain, source.validity)?;
-                    tracing::info!(pin = %ca.pin(), "created a new root CA");
-                    ca
+                    let values = ca_ops(&ca)
+                        .into_iter()
+                        .filter_map(|op| match op {
+                            Op::Put(k, v) => Some((k, v)),
+                            Op::Delete(_) => None,
+                        })
+                        .collect();
+                    if store.create(values).await? {
+                        tracing::info!(pin = %ca.pin(), "created a new root CA");
+                        ca
+                    } else {
+                        // Another replica created it first.
+                        Self::load_ca(&store, trust_domain).await?.ok_or_else(|| {
+                            StateError::Invalid("the CA vanished from the store".into())
+                        })?
+                    }
                 }
             },
             _ => {
@@ -230,15 +235,51 @@ impl State {
                 ))
             }
         };
-        let state = Self {
-            dir: dir.to_path_buf(),
+        Ok(Self {
+            store,
             trust_domain: trust_domain.to_string(),
             ca: RwLock::new(ca),
-            tokens: Mutex::new(read_json(&dir.join("tokens.json"))?),
-            ledger: Mutex::new(read_json(&dir.join("certs.json"))?),
+        })
+    }
+
+    async fn load_ca(
+        store: &Store,
+        trust_domain: &str,
+    ) -> Result<Option<CertificateAuthority>, StateError> {
+        let (cert, key, bundle) = (
+            store.get(CA_CERT).await?,
+            store.get(CA_KEY).await?,
+            store.get(CA_BUNDLE).await?,
+        );
+        match (cert, key) {
+            (Some(cert), Some(key)) => Ok(Some(CertificateAuthority::from_pem(
+                trust_domain,
+                &cert.value,
+                &key.value,
+                bundle.as_ref().map(|b| b.value.as_str()),
+            )?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Reloads the CA from the store (after a change through another replica or a restore).
+    /// Returns whether it differs from the cached one.
+    pub async fn reload_ca(&self) -> Result<bool, StateError> {
+        let Some(fresh) = Self::load_ca(&self.store, &self.trust_domain).await? else {
+            return Ok(false);
         };
-        state.save_ca()?;
-        Ok(state)
+        let mut ca = self.ca.write().unwrap_or_else(|e| e.into_inner());
+        let changed =
+            ca.cert_file_pem() != fresh.cert_file_pem() || ca.bundle_pem() != fresh.bundle_pem();
+        if changed {
+            *ca = fresh;
+        }
+        Ok(changed)
+    }
+
+    /// The store behind the state.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
     }
 
     /// The trust domain.
@@ -246,19 +287,11 @@ impl State {
         &self.trust_domain
     }
 
-    fn save_ca(&self) -> Result<(), StateError> {
-        let ca = self.ca.read().unwrap_or_else(|e| e.into_inner());
-        write_atomic(&self.dir.join("ca-key.pem"), ca.key_pem().as_bytes(), true)?;
-        write_atomic(
-            &self.dir.join("ca.pem"),
-            ca.cert_file_pem().as_bytes(),
-            false,
-        )?;
-        write_atomic(
-            &self.dir.join("bundle.pem"),
-            ca.bundle_pem().as_bytes(),
-            false,
-        )
+    async fn save_ca(&self, extra: Vec<Op>) -> Result<(), StateError> {
+        let mut ops = self.with_ca(ca_ops);
+        ops.extend(extra);
+        self.store.commit(ops).await?;
+        Ok(())
     }
 
     /// Runs `f` with the CA.
@@ -268,7 +301,7 @@ impl State {
 
     /// Creates a join token for `service.namespace` (service account defaults to the
     /// service) valid for `ttl`. Returns the token string (shown once) and its record.
-    pub fn create_token(
+    pub async fn create_token(
         &self,
         service: &str,
         namespace: &str,
@@ -293,69 +326,94 @@ impl State {
             expires_at: now() + ttl.as_secs(),
             revoked: false,
         };
-        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        tokens.push(record.clone());
-        self.save_tokens(&tokens)?;
+        self.store
+            .commit(vec![Op::Put(
+                format!("tokens/{}", record.id),
+                json(&record),
+            )])
+            .await?;
         Ok((token.to_string(), record))
     }
 
-    fn save_tokens(&self, tokens: &[TokenRecord]) -> Result<(), StateError> {
-        let json = serde_json::to_vec_pretty(tokens).unwrap_or_default();
-        write_atomic(&self.dir.join("tokens.json"), &json, true)
+    /// Every token record (no secrets).
+    pub async fn tokens(&self) -> Result<Vec<TokenRecord>, StateError> {
+        let (items, _) = self.store.list("tokens/").await?;
+        let mut out: Vec<TokenRecord> = items
+            .iter()
+            .map(|(k, e)| parse(k, &e.value))
+            .collect::<Result<_, _>>()?;
+        out.sort_by_key(|t| t.created_at);
+        Ok(out)
     }
 
-    /// Every token record (no secrets).
-    pub fn tokens(&self) -> Vec<TokenRecord> {
-        self.tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StateError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        let key = format!("tokens/{id}");
+        match self.store.get(&key).await? {
+            Some(e) => Ok(Some(parse(&key, &e.value)?)),
+            None => Ok(None),
+        }
     }
 
     /// Revokes a token; certificates already issued stay valid until they expire.
-    pub fn revoke_token(&self, id: &str) -> Result<TokenRecord, StateError> {
-        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        let rec = tokens
-            .iter_mut()
-            .find(|t| t.id == id)
+    pub async fn revoke_token(&self, id: &str) -> Result<TokenRecord, StateError> {
+        let mut rec = self
+            .token(id)
+            .await?
             .ok_or_else(|| StateError::Invalid(format!("no join token {id}")))?;
         rec.revoked = true;
-        let rec = rec.clone();
-        self.save_tokens(&tokens)?;
+        self.store
+            .commit(vec![Op::Put(format!("tokens/{id}"), json(&rec))])
+            .await?;
         Ok(rec)
+    }
+
+    /// The ledger record of `instance`, if any.
+    pub async fn cert_record(&self, instance: &str) -> Result<Option<CertRecord>, StateError> {
+        if !valid_id(instance) {
+            return Ok(None);
+        }
+        let key = format!("certs/{instance}");
+        match self.store.get(&key).await? {
+            Some(e) => Ok(Some(parse(&key, &e.value)?)),
+            None => Ok(None),
+        }
     }
 
     /// For a renewal by certificate: the token `instance` joined with as `identity`, if that
     /// token has not been revoked.
-    pub fn renewal_token(
+    pub async fn renewal_token(
         &self,
         instance: &str,
         identity: &SpiffeId,
-    ) -> Result<String, TokenRefusal> {
-        let ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
-        let rec = ledger
-            .iter()
-            .find(|r| r.instance == instance && r.identity == identity.to_string())
+    ) -> Result<TokenRecord, TokenRefusal> {
+        let unavailable = |e: StateError| TokenRefusal::Unavailable(e.to_string());
+        let rec = self
+            .cert_record(instance)
+            .await
+            .map_err(unavailable)?
+            .filter(|r| r.identity == identity.to_string())
             .ok_or_else(|| {
                 TokenRefusal::Unknown(format!(
                     "(no certificate on record for instance {instance})"
                 ))
             })?;
-        let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        match tokens.iter().find(|t| t.id == rec.token_id) {
+        match self.token(&rec.token_id).await.map_err(unavailable)? {
             Some(t) if t.revoked => Err(TokenRefusal::Revoked(t.id.clone())),
-            Some(t) => Ok(t.id.clone()),
+            Some(t) => Ok(t),
             None => Err(TokenRefusal::Unknown(rec.token_id.clone())),
         }
     }
 
-    /// The identity a presented token entitles its holder to, and the token's id.
-    pub fn check_token(&self, token: &str) -> Result<(SpiffeId, String), TokenRefusal> {
+    /// The identity a presented token entitles its holder to, and the token's record.
+    pub async fn check_token(&self, token: &str) -> Result<(SpiffeId, TokenRecord), TokenRefusal> {
         let token: JoinToken = token.parse().map_err(|_| TokenRefusal::Malformed)?;
-        let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        let rec = tokens
-            .iter()
-            .find(|t| t.id == token.id)
+        let rec = self
+            .token(&token.id)
+            .await
+            .map_err(|e| TokenRefusal::Unavailable(e.to_string()))?
             .ok_or_else(|| TokenRefusal::Unknown(token.id.clone()))?;
         if !constant_time_eq(&rec.secret_sha256, &hash_secret(&token.secret)) {
             return Err(TokenRefusal::Unknown(token.id.clone()));
@@ -367,12 +425,12 @@ impl State {
             return Err(TokenRefusal::Expired(rec.id.clone()));
         }
         SpiffeId::new(&self.trust_domain, &rec.namespace, &rec.service_account)
-            .map(|id| (id, rec.id.clone()))
+            .map(|id| (id, rec))
             .map_err(|_| TokenRefusal::Malformed)
     }
 
     /// Signs a CSR for `allowed` and records it in the ledger under `instance`.
-    pub fn certify(
+    pub async fn certify(
         &self,
         csr_pem: &str,
         allowed: &SpiffeId,
@@ -381,54 +439,66 @@ impl State {
         address: &str,
         token_id: &str,
     ) -> Result<(Issued, String), StateError> {
+        if !valid_id(instance) {
+            return Err(StateError::Invalid(format!(
+                "instance id {instance:?} must be 1-64 letters, digits, '-', '_' or '.'"
+            )));
+        }
         let (issued, bundle) = self.with_ca(|ca| {
             ca.sign_csr(csr_pem, allowed, ttl)
                 .map(|i| (i, ca.bundle_pem()))
         })?;
-        let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
-        let t = now();
-        // Forget instances whose last certificate expired more than a day ago.
-        ledger.retain(|r| r.not_after + 86_400 > t);
-        let count = ledger
-            .iter()
-            .find(|r| r.instance == instance)
+        let count = self
+            .cert_record(instance)
+            .await?
             .map_or(0, |r| r.issued_count);
-        ledger.retain(|r| r.instance != instance);
-        ledger.push(CertRecord {
-            instance: instance.chars().take(64).collect(),
+        let record = CertRecord {
+            instance: instance.to_string(),
             identity: issued.id.to_string(),
             serial: issued.serial.clone(),
             not_after: issued.not_after,
-            issued_at: t,
+            issued_at: now(),
             address: address.chars().take(128).collect(),
             issued_count: count + 1,
             token_id: token_id.to_string(),
-        });
-        let json = serde_json::to_vec_pretty(&*ledger).unwrap_or_default();
-        write_atomic(&self.dir.join("certs.json"), &json, false)?;
+        };
+        self.store
+            .commit(vec![Op::Put(format!("certs/{instance}"), json(&record))])
+            .await?;
         Ok((issued, bundle))
     }
 
-    /// The ledger of issued certificates.
-    pub fn certs(&self) -> Vec<CertRecord> {
-        self.ledger
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// The ledger of issued certificates. Instances whose last certificate expired more than
+    /// a day ago are forgotten here.
+    pub async fn certs(&self) -> Result<Vec<CertRecord>, StateError> {
+        let (items, _) = self.store.list("certs/").await?;
+        let t = now();
+        let mut out = Vec::new();
+        let mut stale = Vec::new();
+        for (k, e) in items {
+            let rec: CertRecord = parse(&k, &e.value)?;
+            if rec.not_after + 86_400 > t {
+                out.push(rec);
+            } else {
+                stale.push(Op::Delete(k));
+            }
+        }
+        if !stale.is_empty() {
+            self.store.commit(stale).await?;
+        }
+        Ok(out)
     }
 
     /// The rotation phase.
-    pub fn rotation_phase(&self) -> RotationPhase {
-        read_opt(&self.dir.join("rotation.json"))
-            .ok()
-            .flatten()
-            .and_then(|s| serde_json::from_str::<RotationFile>(&s).ok())
-            .map_or(RotationPhase::Idle, |r| r.phase)
+    pub async fn rotation_phase(&self) -> Result<RotationPhase, StateError> {
+        Ok(match self.store.get(CA_ROTATION).await? {
+            Some(e) => parse::<RotationFile>(CA_ROTATION, &e.value)?.phase,
+            None => RotationPhase::Idle,
+        })
     }
 
-    fn set_phase(&self, phase: RotationPhase) -> Result<(), StateError> {
-        let json = serde_json::to_vec(&RotationFile { phase }).unwrap_or_default();
-        write_atomic(&self.dir.join("rotation.json"), &json, false)
+    fn phase_op(phase: RotationPhase) -> Op {
+        Op::Put(CA_ROTATION.into(), json(&RotationFile { phase }))
     }
 
     /// Moves a CA rotation one step:
@@ -436,29 +506,39 @@ impl State {
     /// new bundle as they renew); `activate` makes the new root sign (wait one workload
     /// certificate lifetime after `prepare`); `finish` stops trusting the old root (wait one
     /// lifetime after `activate`).
-    pub fn rotate(&self, step: &str, validity: Duration) -> Result<RotationPhase, StateError> {
-        let phase = self.rotation_phase();
-        let next_cert = self.dir.join("ca-next.pem");
-        let next_key = self.dir.join("ca-next-key.pem");
+    pub async fn rotate(
+        &self,
+        step: &str,
+        validity: Duration,
+    ) -> Result<RotationPhase, StateError> {
+        let phase = self.rotation_phase().await?;
         match (step, phase) {
             ("prepare", RotationPhase::Idle) => {
                 let next = CertificateAuthority::generate(&self.trust_domain, validity)?;
-                write_atomic(&next_key, next.key_pem().as_bytes(), true)?;
-                write_atomic(&next_cert, next.cert_file_pem().as_bytes(), false)?;
                 self.ca
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
                     .trust_also(next.bundle());
-                self.save_ca()?;
-                self.set_phase(RotationPhase::Prepared)?;
+                self.save_ca(vec![
+                    Op::Put(CA_NEXT_KEY.into(), next.key_pem().to_string()),
+                    Op::Put(CA_NEXT_CERT.into(), next.cert_file_pem()),
+                    Self::phase_op(RotationPhase::Prepared),
+                ])
+                .await?;
                 Ok(RotationPhase::Prepared)
             }
             ("activate", RotationPhase::Prepared) => {
-                let read = |p: &PathBuf| fs::read_to_string(p).map_err(io_err(p));
+                let get = |k: &'static str| async move {
+                    self.store
+                        .get(k)
+                        .await?
+                        .map(|e| e.value)
+                        .ok_or_else(|| StateError::Invalid(format!("{k} is missing")))
+                };
                 let mut next = CertificateAuthority::from_pem(
                     &self.trust_domain,
-                    &read(&next_cert)?,
-                    &read(&next_key)?,
+                    &get(CA_NEXT_CERT).await?,
+                    &get(CA_NEXT_KEY).await?,
                     None,
                 )?;
                 {
@@ -466,10 +546,12 @@ impl State {
                     next.trust_also(ca.bundle());
                     *ca = next;
                 }
-                self.save_ca()?;
-                let _ = fs::remove_file(&next_cert);
-                let _ = fs::remove_file(&next_key);
-                self.set_phase(RotationPhase::Activated)?;
+                self.save_ca(vec![
+                    Op::Delete(CA_NEXT_CERT.into()),
+                    Op::Delete(CA_NEXT_KEY.into()),
+                    Self::phase_op(RotationPhase::Activated),
+                ])
+                .await?;
                 Ok(RotationPhase::Activated)
             }
             ("finish", RotationPhase::Activated) => {
@@ -480,8 +562,8 @@ impl State {
                         ca.distrust(&root);
                     }
                 }
-                self.save_ca()?;
-                self.set_phase(RotationPhase::Idle)?;
+                self.save_ca(vec![Self::phase_op(RotationPhase::Idle)])
+                    .await?;
                 Ok(RotationPhase::Idle)
             }
             (step, phase) => Err(StateError::Invalid(format!(
@@ -506,104 +588,121 @@ pub enum TokenRefusal {
     /// Past its expiry.
     #[error("join token {0} has expired")]
     Expired(String),
+    /// The store could not be asked.
+    #[error("the control plane's store is unavailable: {0}")]
+    Unavailable(String),
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn open(dir: &Path) -> State {
+    async fn open(dir: &std::path::Path) -> State {
+        let store = Arc::new(Store::open("embedded", dir).await.unwrap());
         State::open(
-            dir,
+            store,
             "cluster.local",
             &CaSource {
                 validity: Duration::from_secs(86400 * 365),
                 ..Default::default()
             },
         )
+        .await
         .unwrap()
     }
 
     fn tmp(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("trellis-state-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
+        let _ = std::fs::remove_dir_all(&d);
         d
     }
 
-    #[test]
-    fn ca_and_tokens_survive_a_restart_and_keys_are_private() {
+    #[tokio::test]
+    async fn ca_and_tokens_survive_a_restart_and_secrets_are_not_stored() {
         let dir = tmp("restart");
-        let (token, rec) = {
-            let s = open(&dir);
-            s.create_token("frontend", "edtech", None, Duration::from_secs(3600))
-                .unwrap()
+        let (token, rec, pin) = {
+            let s = open(&dir).await;
+            let (t, r) = s
+                .create_token("frontend", "edtech", None, Duration::from_secs(3600))
+                .await
+                .unwrap();
+            (t, r, s.with_ca(|c| c.pin()))
         };
-        let s = open(&dir);
+        let s = open(&dir).await;
+        assert_eq!(s.with_ca(|c| c.pin()), pin);
         assert_eq!(
-            s.check_token(&token).unwrap().0.to_string(),
+            s.check_token(&token).await.unwrap().0.to_string(),
             "spiffe://cluster.local/ns/edtech/sa/frontend"
         );
-        assert_eq!(s.tokens()[0].id, rec.id);
-        assert!(!fs::read_to_string(dir.join("tokens.json"))
+        assert_eq!(s.tokens().await.unwrap()[0].id, rec.id);
+        assert!(!std::fs::read_to_string(dir.join("store.json"))
             .unwrap()
             .contains(token.split('.').nth(2).unwrap()));
-        use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(dir.join("ca-key.pem"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-        let _ = fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
-    #[test]
-    fn revoked_expired_and_forged_tokens_are_refused() {
+    #[tokio::test]
+    async fn revoked_expired_and_forged_tokens_are_refused() {
         let dir = tmp("refuse");
-        let s = open(&dir);
+        let s = open(&dir).await;
         let (t, rec) = s
             .create_token("a", "b", Some("c"), Duration::from_secs(3600))
+            .await
             .unwrap();
-        assert_eq!(s.check_token(&t).unwrap().0.service_account, "c");
+        assert_eq!(s.check_token(&t).await.unwrap().0.service_account, "c");
         let forged = t.replace(&t.split('.').nth(2).unwrap().to_string(), "AAAA");
         assert_eq!(
-            s.check_token(&forged),
-            Err(TokenRefusal::Unknown(rec.id.clone()))
+            s.check_token(&forged).await.unwrap_err(),
+            TokenRefusal::Unknown(rec.id.clone())
         );
-        s.revoke_token(&rec.id).unwrap();
+        s.revoke_token(&rec.id).await.unwrap();
         assert_eq!(
-            s.check_token(&t),
-            Err(TokenRefusal::Revoked(rec.id.clone()))
+            s.check_token(&t).await.unwrap_err(),
+            TokenRefusal::Revoked(rec.id.clone())
         );
-        assert_eq!(s.check_token("nonsense"), Err(TokenRefusal::Malformed));
+        assert_eq!(
+            s.check_token("nonsense").await.unwrap_err(),
+            TokenRefusal::Malformed
+        );
         assert!(s
             .create_token("Bad_Name", "b", None, Duration::from_secs(1))
+            .await
             .is_err());
-        let _ = fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
-    #[test]
-    fn rotation_goes_prepare_activate_finish() {
+    #[tokio::test]
+    async fn rotation_goes_prepare_activate_finish() {
         let dir = tmp("rotate");
-        let s = open(&dir);
+        let s = open(&dir).await;
         let pin0 = s.with_ca(|c| c.pin());
-        assert!(s.rotate("activate", Duration::from_secs(1000)).is_err());
-        s.rotate("prepare", Duration::from_secs(86400)).unwrap();
+        assert!(s
+            .rotate("activate", Duration::from_secs(1000))
+            .await
+            .is_err());
+        s.rotate("prepare", Duration::from_secs(86400))
+            .await
+            .unwrap();
         assert_eq!(
             s.with_ca(|c| (c.pin(), c.bundle().len())),
             (pin0.clone(), 2)
         );
-        s.rotate("activate", Duration::from_secs(86400)).unwrap();
+        s.rotate("activate", Duration::from_secs(86400))
+            .await
+            .unwrap();
         let pin1 = s.with_ca(|c| c.pin());
         assert_ne!(pin1, pin0);
         assert_eq!(s.with_ca(|c| c.bundle().len()), 2);
-        // The state on disk follows.
+        // The stored state follows.
         assert_eq!(
-            open(&dir).with_ca(|c| (c.pin(), c.bundle().len())),
+            open(&dir).await.with_ca(|c| (c.pin(), c.bundle().len())),
             (pin1.clone(), 2)
         );
-        s.rotate("finish", Duration::from_secs(86400)).unwrap();
+        s.rotate("finish", Duration::from_secs(86400))
+            .await
+            .unwrap();
         assert_eq!(s.with_ca(|c| c.bundle().len()), 1);
-        assert_eq!(s.rotation_phase(), RotationPhase::Idle);
-        let _ = fs::remove_dir_all(&dir);
+        assert_eq!(s.rotation_phase().await.unwrap(), RotationPhase::Idle);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,31 +1,50 @@
-//! Builds the listeners a bootstrap file describes: inbound ports in front of the local app
-//! (with their mTLS mode), per-upstream local ports, and the outbound HTTP proxy listener.
+//! Builds what a config describes: the upstream services (discovered and from the bootstrap)
+//! and the listeners: inbound ports in front of the local app (with their mTLS mode),
+//! per-upstream local ports, and the outbound HTTP proxy listener. Runs at start and again
+//! for every config the control plane pushes.
 
 use crate::config::{Bootstrap, MtlsMode, Protocol};
 use crate::http::forward::{Destination, Forwarder, Shared};
 use crate::listener::Listener;
+use crate::pushed::Pushed;
 use crate::telemetry::metrics::{Peer, UNKNOWN};
 use crate::telemetry::Metrics;
 use crate::tls::{InboundTls, UpstreamTls};
-use crate::upstream::pool::Pool;
+use crate::upstream::pool::{EndpointConns, Pool};
 use crate::upstream::{Service, ServiceTable};
 use crate::ProxyError;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use trellis_identity::IdentityStore;
+use trellis_api::names::ServiceKey;
+use trellis_api::resources::Loaded;
+use trellis_identity::{IdentityStore, SpiffeId};
 
-/// Every listener of `boot`, with the address it must be bound to.
-pub fn listeners(
+/// What a config builds: the upstream services and every listener (same addresses, in the
+/// same order, for any `pushed`, since only the bootstrap opens ports).
+pub struct Assembly {
+    /// Upstream services by name and host.
+    pub services: ServiceTable,
+    /// Listeners with the address each is bound to.
+    pub listeners: Vec<(SocketAddr, Listener)>,
+}
+
+/// Builds the services and listeners of `boot` plus the control plane's `pushed` config.
+/// Bootstrap upstreams with endpoints win over discovered ones; without endpoints they take
+/// the discovered ones (a local port for a discovered service).
+pub fn assemble(
     boot: &Bootstrap,
+    pushed: Option<&Pushed>,
     identity: Option<&Arc<IdentityStore>>,
     mtls: MtlsMode,
     pool: &Pool,
     metrics: &Metrics,
     shared: &Arc<Shared>,
-) -> Result<Vec<(SocketAddr, Listener)>, ProxyError> {
+) -> Result<Assembly, ProxyError> {
     let me = boot.service_key();
     let my_peer = Peer::new(&me.name, &me.namespace);
     let mut listeners: Vec<(SocketAddr, Listener)> = Vec::new();
+    let pushed_resources = pushed.map_or(&[][..], |p| p.resources.as_slice());
 
     let local_identity: Option<Arc<str>> = identity
         .and_then(|s| s.info())
@@ -49,10 +68,13 @@ pub fn listeners(
                 inbound_identity: Some(local_identity.clone()),
                 shared: shared.clone(),
             }),
-            tcp_target: Some(app),
+            tcp_target: Some(Destination::Fixed(app)),
             source: Peer::unknown(),
             peer_label: Arc::from(UNKNOWN),
-            tls: match (identity, inbound_mode(boot, mtls, inb.app.port())) {
+            tls: match (
+                identity,
+                inbound_mode(boot, pushed_resources, mtls, inb.app.port()),
+            ) {
                 (_, MtlsMode::Disable) => None,
                 (Some(store), mode) => Some(InboundTls::new(mode, store)),
                 (None, mode) => {
@@ -65,64 +87,93 @@ pub fn listeners(
         listeners.push((inb.listen, l));
     }
 
-    // Outbound: every upstream service, reachable by host through the HTTP proxy listener
-    // and, when it has one, through its own local port.
-    let mut services = Vec::new();
+    // Outbound: discovered services, then the bootstrap's upstreams over them.
+    let mut tls_by_identity: HashMap<SpiffeId, Arc<UpstreamTls>> = HashMap::new();
+    let mut upstream_tls = |expected: &SpiffeId, what: &str| match identity {
+        Some(store) => Ok(tls_by_identity
+            .entry(expected.clone())
+            .or_insert_with(|| Arc::new(UpstreamTls::new(store, expected.clone())))
+            .clone()),
+        None => Err(ProxyError::Identity(format!(
+            "{what} asks for mTLS, but this proxy has no identity"
+        ))),
+    };
+    let mut services: BTreeMap<ServiceKey, (Vec<Arc<EndpointConns>>, Option<std::time::Duration>)> =
+        BTreeMap::new();
+    let mut hosts = Vec::new();
+    for svc in pushed.map_or(&[][..], |p| p.services.as_slice()) {
+        let mut endpoints = Vec::new();
+        for e in svc.endpoints.iter().filter(|e| e.ready) {
+            let tls = match &e.identity {
+                Some(id) => Some(upstream_tls(id, &format!("service {}", svc.key))?),
+                None => None,
+            };
+            endpoints.push(pool.endpoint(e.addr, tls));
+        }
+        services.insert(svc.key.clone(), (endpoints, None));
+        hosts.extend(svc.hosts.iter().map(|h| (h.clone(), svc.key.clone())));
+    }
     for (i, u) in boot.upstreams.iter().enumerate() {
         let key = boot.upstream_key(u);
-        let peer = Peer::new(&key.name, &key.namespace);
-        let upstream_tls = match (&u.identity, identity) {
-            (None, _) => None,
-            (Some(expected), Some(store)) => {
-                Some(Arc::new(UpstreamTls::new(store, expected.clone())))
-            }
-            (Some(_), None) => {
-                return Err(ProxyError::Identity(format!(
-                    "upstreams[{i}].identity asks for mTLS, but this proxy has no identity"
-                )))
-            }
-        };
-        let svc = Arc::new(Service::new(
-            key,
-            u.endpoints
-                .iter()
-                .map(|a| pool.endpoint(*a, upstream_tls.clone()))
-                .collect(),
-            u.timeout.map(|d| d.0),
-            metrics.http_stats("outbound", peer.clone()),
-        ));
-        if let Some(addr) = u.listen {
-            let field = format!("upstreams[{i}].listen");
-            let l = Listener {
-                name: field.clone(),
-                direction: "outbound",
-                protocol: u.protocol,
-                forwarder: Arc::new(Forwarder {
-                    destination: Destination::Fixed(svc.clone()),
-                    inbound_identity: None,
-                    shared: shared.clone(),
-                }),
-                tcp_target: Some(svc.clone()),
-                source: my_peer.clone(),
-                peer_label: peer.service.clone(),
-                tls: None,
+        let entry = services.entry(key).or_default();
+        if !u.endpoints.is_empty() {
+            let tls = match &u.identity {
+                Some(id) => Some(upstream_tls(id, &format!("upstreams[{i}].identity"))?),
+                None => None,
             };
-            listeners.push((addr, l));
+            entry.0 = u
+                .endpoints
+                .iter()
+                .map(|a| pool.endpoint(*a, tls.clone()))
+                .collect();
         }
-        services.push(svc);
+        entry.1 = u.timeout.map(|d| d.0);
+    }
+    let services: Vec<Arc<Service>> = services
+        .into_iter()
+        .map(|(key, (endpoints, timeout))| {
+            let peer = Peer::new(&key.name, &key.namespace);
+            Arc::new(Service::new(
+                key,
+                endpoints,
+                timeout,
+                metrics.http_stats("outbound", peer),
+            ))
+        })
+        .collect();
+    let by_key: HashMap<&ServiceKey, &Arc<Service>> =
+        services.iter().map(|s| (&s.key, s)).collect();
+    let hosts: Vec<(String, Arc<Service>)> = hosts
+        .into_iter()
+        .filter_map(|(h, k)| by_key.get(&k).map(|s| (h, (*s).clone())))
+        .collect();
+
+    for (i, u) in boot.upstreams.iter().enumerate() {
+        let Some(addr) = u.listen else { continue };
+        let key = boot.upstream_key(u);
+        let l = Listener {
+            name: format!("upstreams[{i}].listen"),
+            direction: "outbound",
+            protocol: u.protocol,
+            forwarder: Arc::new(Forwarder {
+                destination: Destination::Upstream(key.clone()),
+                inbound_identity: None,
+                shared: shared.clone(),
+            }),
+            tcp_target: Some(Destination::Upstream(key.clone())),
+            source: my_peer.clone(),
+            peer_label: Peer::new(&key.name, &key.namespace).service.clone(),
+            tls: None,
+        };
+        listeners.push((addr, l));
     }
     if let Some(addr) = boot.outbound.listen {
-        let table = Arc::new(ServiceTable::new(
-            services,
-            &me.namespace,
-            &boot.cluster_domain,
-        ));
         let l = Listener {
             name: "outbound.listen".into(),
             direction: "outbound",
             protocol: Protocol::Auto,
             forwarder: Arc::new(Forwarder {
-                destination: Destination::ByHost(table),
+                destination: Destination::ByHost,
                 inbound_identity: None,
                 shared: shared.clone(),
             }),
@@ -134,18 +185,26 @@ pub fn listeners(
         listeners.push((addr, l));
     }
 
-    Ok(listeners)
+    Ok(Assembly {
+        services: ServiceTable::new(services, hosts, &me.namespace, &boot.cluster_domain),
+        listeners,
+    })
 }
 
 /// The mTLS mode of the inbound port whose app listens on `app_port`: PeerAuthentication
-/// resources (workload, namespace, mesh scope) over the bootstrap's `mtls` default.
-fn inbound_mode(boot: &Bootstrap, default: MtlsMode, app_port: u16) -> MtlsMode {
+/// resources (the bootstrap's and pushed ones; workload, namespace, mesh scope) over the
+/// bootstrap's `mtls` default.
+fn inbound_mode(boot: &Bootstrap, pushed: &[Loaded], default: MtlsMode, app_port: u16) -> MtlsMode {
     use trellis_api::resources::peer_authentication::{effective_mode, Workload};
     use trellis_api::resources::{PeerMode, Resource};
-    let policies = boot.loaded.iter().filter_map(|l| match &l.resource {
-        Resource::PeerAuthentication(p) => Some(p),
-        _ => None,
-    });
+    let policies = boot
+        .loaded
+        .iter()
+        .chain(pushed)
+        .filter_map(|l| match &l.resource {
+            Resource::PeerAuthentication(p) => Some(p),
+            _ => None,
+        });
     let default = match default {
         MtlsMode::Strict => PeerMode::Strict,
         MtlsMode::Permissive => PeerMode::Permissive,

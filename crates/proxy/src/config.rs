@@ -57,6 +57,19 @@ pub enum Protocol {
     Tcp,
 }
 
+impl Protocol {
+    /// The name used in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Auto => "auto",
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+            Protocol::Tcp => "tcp",
+        }
+    }
+}
+
 /// The whole bootstrap file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,6 +115,10 @@ pub struct Bootstrap {
     /// Inbound mTLS mode; by default STRICT when the proxy has an identity, else DISABLE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsMode>,
+    /// HTTP path of the local app's readiness check (on the first inbound port's app),
+    /// probed every second; while it fails the control plane marks this endpoint unready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_path: Option<String>,
     /// Files or directories of Istio resources applied locally (PeerAuthentication so far).
     /// Relative paths are relative to the bootstrap file.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

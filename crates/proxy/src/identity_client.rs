@@ -21,8 +21,8 @@ use trellis_identity::token::JoinToken;
 use trellis_identity::{IdentityStore, SpiffeId};
 
 /// The control plane's identity namespace and service account.
-const CONTROL_NS: &str = "trellis-system";
-const CONTROL_SA: &str = "trellis-control";
+pub(crate) const CONTROL_NS: &str = "trellis-system";
+pub(crate) const CONTROL_SA: &str = "trellis-control";
 
 /// How to reach the control plane and prove who we are.
 #[derive(Clone, Debug)]
@@ -35,6 +35,8 @@ pub struct ControlConfig {
     pub instance: String,
     /// What to report as our address.
     pub address: String,
+    /// Where the certificate (and the last config) are kept across restarts.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// Why a certificate could not be obtained.
@@ -54,12 +56,12 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// One Certify call against one replica.
-async fn certify_once(
+/// A gRPC channel to one control plane replica over `tls` (pinned or mTLS).
+pub(crate) async fn channel(
     addr: &str,
     tls: Arc<rustls::ClientConfig>,
-    request: CertifyRequest,
-) -> Result<trellis_api::proto::identity::CertifyResponse, CertifyError> {
+    request_timeout: Option<Duration>,
+) -> Result<tonic::transport::Channel, String> {
     let target = addr.to_string();
     let connector = tower::service_fn(move |_uri: http::Uri| {
         let (target, tls) = (target.clone(), tls.clone());
@@ -77,11 +79,27 @@ async fn certify_once(
             Ok::<_, std::io::Error>(TokioIo::new(io))
         }
     });
-    let channel = tonic::transport::Endpoint::from_static("http://trellis-control")
-        .timeout(Duration::from_secs(10))
+    let mut endpoint = tonic::transport::Endpoint::from_static("http://trellis-control")
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    if let Some(t) = request_timeout {
+        endpoint = endpoint.timeout(t);
+    }
+    endpoint
         .connect_with_connector(connector)
         .await
-        .map_err(|e| CertifyError::Unavailable(format!("{addr}: {e}: {}", source_chain(&e))))?;
+        .map_err(|e| format!("{addr}: {e}: {}", source_chain(&e)))
+}
+
+/// One Certify call against one replica.
+async fn certify_once(
+    addr: &str,
+    tls: Arc<rustls::ClientConfig>,
+    request: CertifyRequest,
+) -> Result<trellis_api::proto::identity::CertifyResponse, CertifyError> {
+    let channel = channel(addr, tls, Some(Duration::from_secs(10)))
+        .await
+        .map_err(CertifyError::Unavailable)?;
     match IdentityClient::new(channel).certify(request).await {
         Ok(r) => Ok(r.into_inner()),
         Err(s) => match s.code() {
@@ -157,6 +175,14 @@ pub async fn certify(
                             info.identity
                         )));
                     }
+                    if let Some(dir) = &cfg.state_dir {
+                        save_certificate(
+                            dir,
+                            &resp.chain_pem,
+                            &key.private_key_pem(),
+                            &resp.bundle_pem,
+                        );
+                    }
                     return Ok(info);
                 }
                 Err(e) => last = e,
@@ -167,7 +193,7 @@ pub async fn certify(
 }
 
 /// Backoff between attempts: 0.5 s doubling to 30 s, with jitter.
-fn backoff(attempt: u32) -> Duration {
+pub(crate) fn backoff(attempt: u32) -> Duration {
     let base = Duration::from_millis(500).saturating_mul(1 << attempt.min(6));
     let capped = base.min(Duration::from_secs(30));
     capped.mul_f64(0.8 + fastrand::f64() * 0.4)
@@ -239,5 +265,17 @@ pub async fn renew_forever(
                 }
             }
         }
+    }
+}
+
+/// Keeps the certificate in the state directory so a restart can serve without the control
+/// plane. Failures are logged: the certificate in memory still works.
+fn save_certificate(dir: &std::path::Path, chain: &str, key: &str, bundle: &str) {
+    use crate::pushed::state_dir::{write, BUNDLE, CERT, KEY};
+    let result = write(dir, KEY, key.as_bytes(), true)
+        .and_then(|()| write(dir, BUNDLE, bundle.as_bytes(), false))
+        .and_then(|()| write(dir, CERT, chain.as_bytes(), false));
+    if let Err(e) = result {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot save the certificate in the state directory");
     }
 }

@@ -8,11 +8,14 @@
 pub mod admin;
 mod assemble;
 pub mod config;
+pub mod control_stream;
 pub mod detect;
 pub mod http;
 pub mod identity_client;
 pub mod io;
 pub mod listener;
+mod live;
+pub mod pushed;
 pub mod tcp;
 pub mod telemetry;
 pub mod tls;
@@ -64,8 +67,10 @@ pub struct RunOptions {
     pub drain_timeout: Duration,
     /// Metric series idle this long are dropped.
     pub metrics_retention: Duration,
-    /// Obtain the workload certificate from a control plane.
+    /// Obtain the workload certificate and config from a control plane.
     pub control: Option<identity_client::ControlConfig>,
+    /// IP other proxies reach this workload at (default: as the control plane sees it).
+    pub advertise: Option<std::net::IpAddr>,
 }
 
 impl Default for RunOptions {
@@ -75,6 +80,7 @@ impl Default for RunOptions {
             drain_timeout: Duration::from_secs(30),
             metrics_retention: Duration::from_secs(600),
             control: None,
+            advertise: None,
         }
     }
 }
@@ -126,6 +132,7 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
         },
         metrics: metrics.clone(),
         tracker: tracker.clone(),
+        services: Default::default(),
     });
     let ctx = Arc::new(Context {
         metrics: metrics.clone(),
@@ -139,10 +146,32 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
     });
 
     let me = boot.service_key();
+    // With a control plane and a state directory, start from the last accepted config: the
+    // proxy serves even when the control plane is unreachable (static stability).
+    let state_dir = opts.control.as_ref().and_then(|c| c.state_dir.clone());
+    let saved = state_dir
+        .as_deref()
+        .and_then(pushed::state_dir::load_config);
+    if let Some(p) = &saved {
+        tracing::info!(
+            version = p.version,
+            "starting from the config in the state directory"
+        );
+    }
+    let (live, addrs) = live::Live::start(
+        boot.clone(),
+        saved.as_ref(),
+        identity.clone(),
+        mtls,
+        pool.clone(),
+        metrics.clone(),
+        shared.clone(),
+        state_dir,
+    )?;
     let mut listeners = Vec::new();
-    for (addr, l) in assemble::listeners(&boot, identity.as_ref(), mtls, &pool, &metrics, &shared)?
-    {
-        listeners.push((bind(addr, &l.name).await?, Arc::new(l)));
+    for (addr, slot) in addrs.into_iter().zip(&live.listeners) {
+        let name = slot.load().name.clone();
+        listeners.push((bind(addr, &name).await?, slot.clone()));
     }
 
     let admin_listener = bind(boot.admin, "admin").await?;
@@ -150,20 +179,20 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
         metrics: metrics.clone(),
         ready: Default::default(),
         draining: Default::default(),
-        config_json: serde_json::to_string_pretty(&serde_json::json!({
-            "bootstrap": &boot,
-            "resources": &boot.loaded,
-        }))
-        .unwrap_or_default(),
+        config_json: arc_swap::ArcSwap::from_pointee(live.config_json(saved.as_ref())),
         identity: identity.clone(),
         shutdown_requested: CancellationToken::new(),
     });
+    *live.admin.lock().unwrap_or_else(|e| e.into_inner()) = Some(state.clone());
     tokio::spawn(admin::serve(admin_listener, state.clone()));
 
     let mut accept_loops = Vec::new();
-    for (tcp, l) in listeners {
-        tracing::info!(listener = %l.name, addr = ?tcp.local_addr().ok(), "listening");
-        accept_loops.push(tokio::spawn(listener::accept_loop(tcp, l, ctx.clone())));
+    for (tcp, slot) in listeners {
+        tracing::info!(listener = %slot.load().name, addr = ?tcp.local_addr().ok(), "listening");
+        accept_loops.push(tokio::spawn(listener::accept_loop(tcp, slot, ctx.clone())));
+    }
+    if let (Some(control), Some(store)) = (&opts.control, &identity) {
+        start_control_stream(&boot, control, store, opts.advertise, live.clone())?;
     }
     state.ready.store(true, Ordering::Release);
     tracing::info!(service = %me, "proxy ready");
@@ -191,6 +220,56 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
     } else {
         tracing::info!("drained");
     }
+    Ok(())
+}
+
+/// Registers with the control plane and follows its config (see [`control_stream`]).
+fn start_control_stream(
+    boot: &Bootstrap,
+    control: &identity_client::ControlConfig,
+    store: &Arc<trellis_identity::IdentityStore>,
+    advertise: Option<std::net::IpAddr>,
+    live: Arc<live::Live>,
+) -> Result<(), ProxyError> {
+    use trellis_api::proto::config::{Hello, Port};
+    let id = boot
+        .spiffe_id()
+        .ok_or_else(|| ProxyError::Identity("no valid identity".into()))?;
+    let control_id = trellis_identity::SpiffeId::new(
+        &id.trust_domain,
+        identity_client::CONTROL_NS,
+        identity_client::CONTROL_SA,
+    )
+    .map_err(|e| ProxyError::Identity(e.to_string()))?;
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(true);
+    if let (Some(path), Some(first)) = (&boot.readiness_path, boot.inbound.first()) {
+        ready_tx.send_replace(false);
+        tokio::spawn(control_stream::probe_app(first.app, path.clone(), ready_tx));
+    }
+    let hello = Hello {
+        instance: control.instance.clone(),
+        service: boot.service.clone(),
+        labels: boot.labels.clone().into_iter().collect(),
+        address: advertise.map(|a| a.to_string()).unwrap_or_default(),
+        ports: boot
+            .inbound
+            .iter()
+            .map(|i| Port {
+                port: u32::from(i.listen.port()),
+                protocol: i.protocol.as_str().to_string(),
+            })
+            .collect(),
+        ready: *ready_rx.borrow(),
+        version: 0,
+    };
+    tokio::spawn(control_stream::run(
+        control.clone(),
+        hello,
+        store.clone(),
+        control_id,
+        ready_rx,
+        live,
+    ));
     Ok(())
 }
 

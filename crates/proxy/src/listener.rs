@@ -3,12 +3,12 @@
 
 use crate::config::{MtlsMode, Protocol};
 use crate::detect::{self, Detected, PrefixedIo};
-use crate::http::forward::{ClientConn, Forwarder};
+use crate::http::forward::{ClientConn, Destination, Forwarder};
 use crate::http::{self, ServerConfig};
 use crate::io::MeteredIo;
 use crate::telemetry::metrics::{Metrics, Peer};
 use crate::tls::{peer_of, Alpn, InboundTls};
-use crate::upstream::Service;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,7 +29,7 @@ pub struct Listener {
     /// Handles HTTP requests.
     pub forwarder: Arc<Forwarder>,
     /// Where opaque TCP goes; `None` refuses it (the HTTP proxy listener).
-    pub tcp_target: Option<Arc<Service>>,
+    pub tcp_target: Option<Destination>,
     /// The caller as metrics see it when the connection carries no identity.
     pub source: Peer,
     /// `peer_service` label of the TCP metrics.
@@ -52,17 +52,20 @@ pub struct Context {
     pub tracker: TaskTracker,
 }
 
-/// Accepts until shutdown, then drops the socket so new connections are refused.
-pub async fn accept_loop(tcp: TcpListener, listener: Arc<Listener>, ctx: Arc<Context>) {
+/// Accepts until shutdown, then drops the socket so new connections are refused. Each
+/// connection gets the listener's behaviour as configured when it was accepted.
+pub async fn accept_loop(tcp: TcpListener, current: Arc<ArcSwap<Listener>>, ctx: Arc<Context>) {
     loop {
         let accepted = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             r = tcp.accept() => r,
         };
+        // Loaded after the accept: the connection gets the config current when it arrived.
+        let listener = current.load_full();
         match accepted {
             Ok((stream, addr)) => {
-                let (l, c) = (listener.clone(), ctx.clone());
-                ctx.tracker.spawn(handle(stream, addr, l, c));
+                ctx.tracker
+                    .spawn(handle(stream, addr, listener, ctx.clone()));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -71,7 +74,7 @@ pub async fn accept_loop(tcp: TcpListener, listener: Arc<Listener>, ctx: Arc<Con
             }
         }
     }
-    tracing::debug!(listener = %listener.name, "listener closed");
+    tracing::debug!(listener = %current.load().name, "listener closed");
 }
 
 /// Reads the first bytes unless the drain starts first. `None`: close the connection.
@@ -193,7 +196,12 @@ where
             .await;
         }
         Detected::Tls | Detected::Opaque => match &l.tcp_target {
-            Some(service) => crate::tcp::forward(io, service).await,
+            Some(target) => match target.service(&l.forwarder.shared.services.load()) {
+                Ok(service) => crate::tcp::forward(io, &service).await,
+                Err(e) => {
+                    tracing::info!(listener = %l.name, client = %client.addr, error = %e, "TCP connection closed");
+                }
+            },
             None => {
                 tracing::debug!(listener = %l.name, client = %client.addr, "closing non-HTTP connection on the HTTP proxy listener");
             }

@@ -25,11 +25,24 @@ pub async fn obtain(
         ProxyError::Identity("service, namespace or service account is not a valid identity".into())
     })?;
     let store = IdentityStore::new();
-    let never = tokio_util::sync::CancellationToken::new();
-    let first = identity_client::first_certificate(control, &id, &store, &never)
-        .await
-        .map_err(|e| ProxyError::Identity(e.to_string()))?;
-    tracing::info!(identity = %first.identity, serial = %first.serial, not_after = first.not_after, "workload certificate obtained from the control plane");
+    let saved = control
+        .state_dir
+        .as_deref()
+        .and_then(|dir| load_saved(dir, &id, &store));
+    let first = match saved {
+        Some(info) => {
+            tracing::info!(identity = %info.identity, serial = %info.serial, not_after = info.not_after, "serving with the certificate from the state directory; renewing in the background");
+            info
+        }
+        None => {
+            let never = tokio_util::sync::CancellationToken::new();
+            let first = identity_client::first_certificate(control, &id, &store, &never)
+                .await
+                .map_err(|e| ProxyError::Identity(e.to_string()))?;
+            tracing::info!(identity = %first.identity, serial = %first.serial, not_after = first.not_after, "workload certificate obtained from the control plane");
+            first
+        }
+    };
     tokio::spawn(identity_client::renew_forever(
         control.clone(),
         id,
@@ -84,4 +97,30 @@ fn load_identity(boot: &Bootstrap) -> Result<Option<Arc<IdentityStore>>, ProxyEr
     }
     tracing::info!(identity = %info.identity, not_after = info.not_after, "workload identity loaded");
     Ok(Some(store))
+}
+
+/// The certificate saved in the state directory, installed in `store`, if it is this
+/// workload's and has more than a minute left.
+fn load_saved(
+    dir: &std::path::Path,
+    id: &trellis_identity::SpiffeId,
+    store: &Arc<IdentityStore>,
+) -> Option<trellis_identity::tls::CertInfo> {
+    use crate::pushed::state_dir::{BUNDLE, CERT, KEY};
+    let read = |name| std::fs::read_to_string(dir.join(name)).ok();
+    let (cert, key, bundle) = (read(CERT)?, read(KEY)?, read(BUNDLE)?);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match store.install(&cert, &key, &bundle) {
+        Ok(info) if &info.identity == id && info.not_after > now + 60 => Some(info),
+        Ok(info) => {
+            tracing::info!(identity = %info.identity, not_after = info.not_after, "the saved certificate is not usable (other identity or expiring); asking the control plane");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the saved certificate does not load; asking the control plane");
+            None
+        }
+    }
 }

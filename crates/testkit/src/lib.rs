@@ -4,6 +4,9 @@
 
 pub mod certs;
 pub mod client;
+pub mod etcd;
 pub mod origin;
 pub mod proxy;
 pub mod wait;
+
+pub use etcd::EtcdCluster;

@@ -242,7 +242,17 @@ impl Control {
 
     /// Like [`Control::start`] with a given state directory (to restart on the same state).
     pub async fn start_in(bin: &str, dir: TempDir, extra: &[&str]) -> Self {
-        let (grpc, api) = (free_addr(), free_addr());
+        Self::start_at(bin, dir, free_addr(), free_addr(), extra).await
+    }
+
+    /// Like [`Control::start_in`] on given addresses (a restart where proxies expect it).
+    pub async fn start_at(
+        bin: &str,
+        dir: TempDir,
+        grpc: SocketAddr,
+        api: SocketAddr,
+        extra: &[&str],
+    ) -> Self {
         let err = std::fs::File::create(dir.path().join("control.log")).expect("log file");
         let child = Command::new(bin)
             .arg("control")

@@ -74,14 +74,17 @@ pub fn run(api: &str, cmd: CaCommand) -> anyhow::Result<()> {
             ttl,
             out_dir,
         } => {
-            let state = State::open(
-                &state_dir,
-                &trust_domain,
-                &CaSource {
-                    validity: StdDuration::from_secs(365 * 86_400),
-                    ..Default::default()
-                },
-            )?;
+            let state = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let store = trellis_control::store::Store::open("embedded", &state_dir).await?;
+                    let ca = CaSource {
+                        validity: StdDuration::from_secs(365 * 86_400),
+                        ..Default::default()
+                    };
+                    anyhow::Ok(State::open(std::sync::Arc::new(store), &trust_domain, &ca).await?)
+                })?;
             let id = SpiffeId::new(
                 &trust_domain,
                 &namespace,

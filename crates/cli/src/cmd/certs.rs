@@ -1,6 +1,8 @@
-//! `trellis certs` (every proxy's identity and expiry) and `trellis check`.
+//! `trellis certs` (every proxy's identity and expiry) and `trellis check` (control plane and
+//! store reachable, proxies in sync, certificates not expiring).
 
-use crate::api_client::{block_on, call};
+use super::ops::{service_of, SyncState};
+use crate::api_client::{block_on, call, get_any_status};
 use serde_json::{json, Value};
 
 /// The CA warns when it expires within this.
@@ -64,14 +66,78 @@ enum Level {
     Fail,
 }
 
+/// The proxies of `/api/v1/status` that are not in sync or refused their latest config.
+fn sync_findings(api: &str, findings: &mut Vec<(Level, String)>) {
+    let v = match block_on(call(api, "GET", "/api/v1/status", None)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) | Err(e) => {
+            findings.push((Level::Fail, format!("proxy status unavailable: {e:#}")));
+            return;
+        }
+    };
+    let proxies = v["proxies"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let mut bad = 0;
+    for p in proxies {
+        let who = format!(
+            "{} ({})",
+            service_of(p),
+            p["instance"].as_str().unwrap_or("?")
+        );
+        match SyncState::of(p) {
+            SyncState::InSync => continue,
+            SyncState::Stale { acked, sent } => findings.push((
+                Level::Fail,
+                format!("{who}: not in sync (accepted config version {acked}, sent {sent})"),
+            )),
+            SyncState::Nack { version, error } => findings.push((
+                Level::Fail,
+                format!("{who}: refused config version {version}: {error}"),
+            )),
+        }
+        bad += 1;
+    }
+    if bad == 0 {
+        findings.push((
+            Level::Ok,
+            format!(
+                "{} prox{} in sync with config version {}",
+                proxies.len(),
+                if proxies.len() == 1 { "y" } else { "ies" },
+                v["config_version"]
+            ),
+        ));
+    }
+}
+
 /// `trellis check [-o json]`: exit 1 when something fails.
 pub fn check(api: &str, json_out: bool) -> anyhow::Result<bool> {
     let mut findings: Vec<(Level, String)> = Vec::new();
-    match block_on(call(api, "GET", "/api/v1/health", None))? {
-        Ok(_) => findings.push((Level::Ok, format!("control plane reachable at {api}"))),
-        Err(e) => findings.push((Level::Fail, format!("control plane unreachable: {e}"))),
-    }
-    if findings[0].0 == Level::Ok {
+    let healthy = match block_on(get_any_status(api, "/api/v1/health"))? {
+        Err(e) => {
+            findings.push((Level::Fail, format!("control plane unreachable: {e:#}")));
+            false
+        }
+        Ok((200, v)) => {
+            findings.push((Level::Ok, format!("control plane reachable at {api}")));
+            findings.push((
+                Level::Ok,
+                format!("store: {}", v["store"].as_str().unwrap_or("?")),
+            ));
+            true
+        }
+        Ok((status, v)) => {
+            findings.push((Level::Ok, format!("control plane reachable at {api}")));
+            let store = v["store"].as_str().unwrap_or("?");
+            let error = v["error"].as_str().unwrap_or("no details");
+            findings.push((
+                Level::Fail,
+                format!("store {store} unavailable (HTTP {status}): {error}"),
+            ));
+            false
+        }
+    };
+    if healthy {
+        sync_findings(api, &mut findings);
         let v = fetch(api)?;
         let now = v["now"].as_u64().unwrap_or(0);
         let ca_end = v["ca"]["not_after"].as_u64().unwrap_or(0);

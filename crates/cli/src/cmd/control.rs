@@ -10,9 +10,14 @@ use trellis_control::ControlOptions;
 /// `trellis control` options.
 #[derive(clap::Args)]
 pub struct ControlArgs {
-    /// State directory: CA, trust bundle, tokens, issued-certificate ledger.
+    /// State directory: the embedded store's data (CA, tokens, certificate ledger,
+    /// resources in `store.json`, mode 0600).
     #[arg(long, default_value = "trellis-state")]
     state_dir: PathBuf,
+    /// Where the mesh state lives: `embedded` (in --state-dir), or
+    /// `etcd://host:port[,host:port...]` for several replicas sharing one etcd cluster.
+    #[arg(long, default_value = "embedded", env = "TRELLIS_STORE")]
+    store: String,
     /// Trust domain of mesh identities.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
@@ -48,12 +53,16 @@ pub struct ControlArgs {
     /// validated and applied, an invalid change is rejected and the last good config stays.
     #[arg(long)]
     config_dir: Option<PathBuf>,
+    /// Namespace whose policies without a selector apply to the whole mesh.
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
 }
 
 /// Runs the control plane until SIGTERM or SIGINT.
 pub fn run(args: ControlArgs) -> anyhow::Result<()> {
     let opts = ControlOptions {
         state_dir: args.state_dir,
+        store: args.store,
         trust_domain: args.trust_domain,
         grpc: args.grpc,
         http: args.http,
@@ -67,6 +76,7 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
         token_ttl: args.token_ttl.0,
         dns_names: args.dns_name,
         config_dir: args.config_dir,
+        root_namespace: args.root_namespace,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -4,6 +4,7 @@ pub mod analyze;
 pub mod ca;
 pub mod certs;
 pub mod control;
+pub mod ops;
 pub mod resources;
 pub mod token;
 

@@ -14,6 +14,7 @@ use crate::telemetry::AccessLog;
 use crate::tls::UpstreamUse;
 use crate::upstream::pool::{ConnectError, EndpointConns, H1Conn};
 use crate::upstream::{Service, ServiceTable};
+use arc_swap::ArcSwap;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -24,13 +25,30 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tokio_util::task::TaskTracker;
+use trellis_api::names::ServiceKey;
 
 /// Where a listener's requests go.
 pub enum Destination {
-    /// Always this service (inbound app, per-upstream port).
+    /// Always this service (the local app of an inbound port).
     Fixed(Arc<Service>),
+    /// This upstream service, as the current config knows it (a per-upstream port).
+    Upstream(ServiceKey),
     /// The service named by the request's host (the outbound HTTP proxy listener).
-    ByHost(Arc<ServiceTable>),
+    ByHost,
+}
+
+impl Destination {
+    /// The service of a fixed or upstream destination in the current `services`.
+    pub fn service(&self, services: &ServiceTable) -> Result<Arc<Service>, String> {
+        match self {
+            Destination::Fixed(s) => Ok(s.clone()),
+            Destination::Upstream(key) => services
+                .get(key)
+                .cloned()
+                .ok_or_else(|| format!("no upstream service {key} is configured")),
+            Destination::ByHost => Err("this listener routes by host".into()),
+        }
+    }
 }
 
 /// What the forwarder knows about the client connection.
@@ -53,6 +71,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Tracks tunnels so a drain waits for them.
     pub tracker: TaskTracker,
+    /// The upstream services of the current config (swapped when a new config arrives).
+    pub services: ArcSwap<ServiceTable>,
 }
 
 /// Forwards the requests of one listener.
@@ -92,7 +112,21 @@ impl Forwarder {
         let start = Instant::now();
         let service = match &self.destination {
             Destination::Fixed(s) => s.clone(),
-            Destination::ByHost(table) => {
+            Destination::Upstream(_) => {
+                match self.destination.service(&self.shared.services.load()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return Ok(respond::error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "unknown-service",
+                            format!("trellis: {e}"),
+                            None,
+                        ))
+                    }
+                }
+            }
+            Destination::ByHost => {
+                let table = self.shared.services.load();
                 let Some(host) = authority_of(&req) else {
                     return Ok(respond::error(
                         StatusCode::BAD_REQUEST,

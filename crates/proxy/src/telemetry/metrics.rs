@@ -108,6 +108,10 @@ pub struct Metrics {
     clock: Instant,
     http: Mutex<Vec<Arc<HttpStats>>>,
     tcp: Mutex<HashMap<TcpLabels, Arc<TcpStats>>>,
+    /// `trellis_proxy_config_version`: the pushed config version running (0: none).
+    pub config_version: prometheus_client::metrics::gauge::Gauge,
+    /// `trellis_control_plane_connected`: 1 while the config stream is up.
+    pub control_plane_connected: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Metrics {
@@ -153,12 +157,26 @@ impl Metrics {
             families.tls_failures.clone(),
         );
         registry.register_collector(Box::new(super::process::ProcessCollector::new()));
+        let config_version = prometheus_client::metrics::gauge::Gauge::default();
+        let control_plane_connected = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "trellis_proxy_config_version",
+            "Version of the control plane config this proxy runs (0 when it has none)",
+            config_version.clone(),
+        );
+        registry.register(
+            "trellis_control_plane_connected",
+            "1 while the proxy's config stream to a control plane replica is up",
+            control_plane_connected.clone(),
+        );
         Self {
             registry,
             families,
             clock: Instant::now(),
             http: Mutex::new(Vec::new()),
             tcp: Mutex::new(HashMap::new()),
+            config_version,
+            control_plane_connected,
         }
     }
 

@@ -67,25 +67,49 @@ pub enum LookupError {
 }
 
 /// Upstream services by name, for routing by `Host` / `:authority`.
+#[derive(Default)]
 pub struct ServiceTable {
     by_key: HashMap<ServiceKey, Arc<Service>>,
+    /// Hosts outside the mesh's naming (ServiceEntry), lower case, without port.
+    by_host: HashMap<String, Arc<Service>>,
     namespace: String,
     cluster_domain: String,
 }
 
 impl ServiceTable {
-    /// A table over `services`; bare names resolve in `namespace` first.
-    pub fn new(services: Vec<Arc<Service>>, namespace: &str, cluster_domain: &str) -> Self {
+    /// A table over `services`; bare names resolve in `namespace` first. `hosts` are extra
+    /// exact host names (ServiceEntry) for some of them.
+    pub fn new(
+        services: Vec<Arc<Service>>,
+        hosts: Vec<(String, Arc<Service>)>,
+        namespace: &str,
+        cluster_domain: &str,
+    ) -> Self {
         Self {
             by_key: services.into_iter().map(|s| (s.key.clone(), s)).collect(),
+            by_host: hosts
+                .into_iter()
+                .map(|(h, s)| (h.to_ascii_lowercase(), s))
+                .collect(),
             namespace: namespace.to_string(),
             cluster_domain: cluster_domain.to_string(),
         }
     }
 
+    /// The service with this exact name and namespace.
+    pub fn get(&self, key: &ServiceKey) -> Option<&Arc<Service>> {
+        self.by_key.get(key)
+    }
+
     /// The service a host names: `svc`, `svc.ns`, `svc.ns.svc.<domain>`, any case, any port.
     /// A bare `svc` means this proxy's namespace, or the only namespace that has it.
     pub fn resolve(&self, host: &str) -> Result<&Arc<Service>, LookupError> {
+        if !self.by_host.is_empty() {
+            let bare = strip_port(host).trim_end_matches('.').to_ascii_lowercase();
+            if let Some(s) = self.by_host.get(&bare) {
+                return Ok(s);
+            }
+        }
         let h = HostName::parse(host, &self.cluster_domain)?;
         if let Some(ns) = &h.namespace {
             return self
@@ -107,5 +131,17 @@ impl ServiceTable {
     /// Every service in the table.
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.by_key.values()
+    }
+}
+
+/// `host` without a `:port` suffix (IPv6 literals keep their brackets).
+fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((h, p))
+            if !h.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') =>
+        {
+            h
+        }
+        _ => host,
     }
 }

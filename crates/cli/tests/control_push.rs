@@ -1,0 +1,507 @@
+//! Discovery and config push end to end: proxies register with `trellis control`, find each
+//! other without static endpoints, receive the resources that concern them within a second,
+//! leave the registry when they die, and keep serving (and restart) while the control plane
+//! is down.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use trellis_testkit::client::http1_get;
+use trellis_testkit::origin::http::HttpOrigin;
+use trellis_testkit::proxy::{Control, TempDir};
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// A workload behind a proxy joined to `controls`: inbound port in front of `app` (if any),
+/// outbound HTTP proxy listener, no static upstreams.
+struct Workload {
+    proxy: Trellis,
+    inbound: SocketAddr,
+    outbound: SocketAddr,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn workload(
+    controls: &[&Control],
+    token: &Path,
+    service: &str,
+    app: SocketAddr,
+    labels: &[&str],
+    state_dir: Option<&Path>,
+    yaml_extra: &str,
+) -> Workload {
+    let (admin, inbound, outbound) = (free_addr(), free_addr(), free_addr());
+    let yaml = format!(
+        "service: {service}\nnamespace: edtech\nadmin: {admin}\noutbound: {{ listen: {outbound} }}\n\
+         inbound:\n  - listen: {inbound}\n    app: {app}\n{yaml_extra}"
+    );
+    let grpc: Vec<String> = controls.iter().map(|c| c.grpc.to_string()).collect();
+    let grpc = grpc.join(",");
+    let mut args = vec!["--control", &grpc, "--token", token.to_str().unwrap()];
+    let label_args: Vec<String> = labels.iter().map(|l| format!("--label={l}")).collect();
+    args.extend(label_args.iter().map(String::as_str));
+    let sd;
+    if let Some(d) = state_dir {
+        sd = d.to_str().unwrap().to_string();
+        args.extend(["--state-dir", &sd]);
+    }
+    Workload {
+        proxy: proxy(&yaml, admin, &args).await,
+        inbound,
+        outbound,
+    }
+}
+
+/// Polls `f` every 25 ms until it returns `Some`, or panics with `what` after `limit`.
+async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn status(control: &Control) -> Value {
+    let (code, out, err) = control.cli(&["status", "-o", "json"]);
+    assert!(code.is_some(), "{err}");
+    json(&out)
+}
+
+fn proxies_of(status: &Value, service: &str) -> Vec<Value> {
+    status["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["service"] == service)
+        .cloned()
+        .collect()
+}
+
+async fn get(addr: SocketAddr, url: &str) -> u16 {
+    http1_get(addr, url, &[]).await.map_or(0, |r| r.0.as_u16())
+}
+
+fn apply(control: &Control, dir: &TempDir, name: &str, yaml: &str) -> (Option<i32>, String) {
+    let file = dir.path().join(name);
+    std::fs::write(&file, yaml).unwrap();
+    let (code, out, err) = control.cli(&["apply", "-f", file.to_str().unwrap()]);
+    (code, format!("{out}{err}"))
+}
+
+const STRICT_PROFILE: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+metadata: { name: profile-strict, namespace: edtech }\n\
+spec:\n  selector: { matchLabels: { app: user-profile } }\n  mtls: { mode: STRICT }\n";
+
+#[tokio::test]
+async fn proxies_discover_each_other_and_get_their_config_within_a_second() {
+    let control = Control::start(BIN, &[]).await;
+    let app = HttpOrigin::start().await.unwrap();
+    let profile = workload(
+        &[&control],
+        &control.token("user-profile", "edtech", &[]),
+        "user-profile",
+        app.addr(),
+        &["app=user-profile", "version=v1"],
+        None,
+        "",
+    )
+    .await;
+    let front_app = HttpOrigin::start().await.unwrap();
+    let frontend = workload(
+        &[&control],
+        &control.token("frontend", "edtech", &[]),
+        "frontend",
+        front_app.addr(),
+        &["app=frontend"],
+        None,
+        "",
+    )
+    .await;
+
+    // No static endpoints anywhere: the frontend finds user-profile through the registry and
+    // calls it over mTLS (the app sees the verified caller).
+    eventually(
+        Duration::from_secs(5),
+        "frontend reaches user-profile",
+        || async {
+            (get(frontend.outbound, "http://user-profile.edtech/echo").await == 200).then_some(())
+        },
+    )
+    .await;
+    let (_, _, body) = http1_get(frontend.outbound, "http://user-profile/echo", &[])
+        .await
+        .unwrap();
+    let echo: Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        echo["headers"]["x-forwarded-client-cert"]
+            .as_str()
+            .unwrap()
+            .contains("URI=spiffe://cluster.local/ns/edtech/sa/frontend"),
+        "{echo}"
+    );
+
+    // Both are registered, with their labels, and in sync.
+    let st = eventually(Duration::from_secs(5), "both proxies in sync", || async {
+        let st = status(&control);
+        let ok = st["proxies"].as_array().unwrap().len() == 2
+            && st["proxies"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["in_sync"] == true);
+        ok.then_some(st)
+    })
+    .await;
+    let p = &proxies_of(&st, "user-profile")[0];
+    assert_eq!(p["labels"]["version"], "v1");
+    assert_eq!(p["ports"][0]["port"], profile.inbound.port());
+    assert_eq!(
+        p["identity"],
+        "spiffe://cluster.local/ns/edtech/sa/user-profile"
+    );
+    assert!(p["cert_not_after"].as_u64().unwrap() > 0);
+
+    // An applied policy reaches the proxy it selects within a second, and only that proxy.
+    let dir = TempDir::new("push");
+    let start = Instant::now();
+    let (code, out) = apply(&control, &dir, "pa.yaml", STRICT_PROFILE);
+    assert_eq!(code, Some(0), "{out}");
+    eventually(
+        Duration::from_secs(1),
+        "the policy reaches user-profile",
+        || async {
+            let (_, cfg) = profile.proxy.admin_get("/config").await;
+            cfg.contains("profile-strict").then_some(())
+        },
+    )
+    .await;
+    let took = start.elapsed();
+    let (_, cfg) = frontend.proxy.admin_get("/config").await;
+    assert!(
+        !cfg.contains("profile-strict"),
+        "a workload policy is only sent to the workloads it selects"
+    );
+    eprintln!("apply -> proxy /config: {took:?}");
+    // The version the proxy runs is the one the control plane reports.
+    let version = json(&control.cli(&["get", "peerauthentication", "-o", "json"]).1)["version"]
+        .as_u64()
+        .unwrap_or(0);
+    let metrics = profile.proxy.metrics().await;
+    let running = sample(&metrics, "trellis_proxy_config_version", &[]).unwrap();
+    assert!(running >= version as f64, "{running} < {version}");
+    assert_eq!(
+        sample(&metrics, "trellis_control_plane_connected", &[]),
+        Some(1.0)
+    );
+
+    // A pushed policy changes what new connections get: STRICT by default, so plaintext to
+    // user-profile's public port is refused; once PERMISSIVE arrives, the very next plaintext
+    // connection is served.
+    assert_eq!(
+        get(profile.inbound, "/echo").await,
+        0,
+        "plaintext refused under STRICT"
+    );
+    let (code, out) = apply(
+        &control,
+        &dir,
+        "pa.yaml",
+        &STRICT_PROFILE.replace("STRICT", "PERMISSIVE"),
+    );
+    assert_eq!(code, Some(0), "{out}");
+    eventually(
+        Duration::from_secs(1),
+        "PERMISSIVE reaches user-profile",
+        || async {
+            let (_, cfg) = profile.proxy.admin_get("/config").await;
+            cfg.contains("PERMISSIVE").then_some(())
+        },
+    )
+    .await;
+    assert_eq!(get(profile.inbound, "/echo").await, 200);
+
+    // An invalid file is refused whole; traffic goes on with the old config.
+    let (code, out) = apply(
+        &control,
+        &dir,
+        "bad.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: { name: x, namespace: edtech }\nspec:\n  mtls: { mode: SOMETIMES }\n",
+    );
+    assert_ne!(code, Some(0), "{out}");
+    assert!(out.contains("bad.yaml:5"), "{out}");
+    assert_eq!(
+        get(frontend.outbound, "http://user-profile/echo").await,
+        200
+    );
+
+    // `trellis status` (table) names both; `trellis check` passes.
+    let (code, out, err) = control.cli(&["status"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("user-profile") && out.contains("frontend"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_proxy_leaves_the_registry_and_unready_apps_take_no_traffic() {
+    let control = Control::start(BIN, &[]).await;
+    let app = HttpOrigin::start().await.unwrap();
+    let token = control.token("user-profile", "edtech", &[]);
+    let a = workload(
+        &[&control],
+        &token,
+        "user-profile",
+        app.addr(),
+        &[],
+        None,
+        "",
+    )
+    .await;
+    // A second replica of user-profile whose app reports unready (/status/503).
+    let b = workload(
+        &[&control],
+        &token,
+        "user-profile",
+        app.addr(),
+        &[],
+        None,
+        "readiness_path: /status/503\n",
+    )
+    .await;
+    let front_app = HttpOrigin::start().await.unwrap();
+    let frontend = workload(
+        &[&control],
+        &control.token("frontend", "edtech", &[]),
+        "frontend",
+        front_app.addr(),
+        &[],
+        None,
+        "",
+    )
+    .await;
+    let st = eventually(
+        Duration::from_secs(5),
+        "three proxies registered",
+        || async {
+            let st = status(&control);
+            (proxies_of(&st, "user-profile").len() == 2
+                && proxies_of(&st, "user-profile")
+                    .iter()
+                    .any(|p| p["ready"] == false))
+            .then_some(st)
+        },
+    )
+    .await;
+    let unready: Vec<_> = proxies_of(&st, "user-profile")
+        .into_iter()
+        .filter(|p| p["ready"] == false)
+        .collect();
+    assert_eq!(unready.len(), 1, "{st}");
+    assert_eq!(unready[0]["ports"][0]["port"], b.inbound.port());
+    // Only the ready endpoint is pushed as ready; every request lands on it.
+    eventually(
+        Duration::from_secs(5),
+        "frontend reaches user-profile",
+        || async {
+            (get(frontend.outbound, "http://user-profile/echo").await == 200).then_some(())
+        },
+    )
+    .await;
+    let (_, cfg) = frontend.proxy.admin_get("/config").await;
+    let cfg = json(&cfg);
+    let svc = cfg["pushed"]["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["key"]["name"] == "user-profile")
+        .unwrap()
+        .clone();
+    let ready: Vec<bool> = svc["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["ready"].as_bool().unwrap())
+        .collect();
+    assert_eq!(ready.len(), 2);
+    assert_eq!(ready.iter().filter(|r| **r).count(), 1);
+    for _ in 0..20 {
+        assert_eq!(
+            get(frontend.outbound, "http://user-profile/echo").await,
+            200
+        );
+    }
+
+    // Kill the ready one: it leaves the registry within a few seconds, and with no ready
+    // endpoint left the frontend answers 503 naming the service.
+    drop(a);
+    let start = Instant::now();
+    eventually(
+        Duration::from_secs(5),
+        "the killed proxy leaves",
+        || async {
+            let st = status(&control);
+            (proxies_of(&st, "user-profile").len() == 1).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "registry dropped the dead proxy after {:?}",
+        start.elapsed()
+    );
+    eventually(
+        Duration::from_secs(2),
+        "frontend sees no endpoint",
+        || async {
+            (get(frontend.outbound, "http://user-profile/echo").await == 503).then_some(())
+        },
+    )
+    .await;
+    drop(b);
+}
+
+#[tokio::test]
+async fn traffic_and_restarts_survive_a_control_plane_outage() {
+    let control = Control::start(BIN, &[]).await;
+    let app = HttpOrigin::start().await.unwrap();
+    let profile_state = TempDir::new("profile-state");
+    let front_state = TempDir::new("front-state");
+    let profile_token = control.token("user-profile", "edtech", &[]);
+    let front_token = control.token("frontend", "edtech", &[]);
+    let profile = workload(
+        &[&control],
+        &profile_token,
+        "user-profile",
+        app.addr(),
+        &["app=user-profile"],
+        Some(profile_state.path()),
+        "",
+    )
+    .await;
+    let front_app = HttpOrigin::start().await.unwrap();
+    let frontend = workload(
+        &[&control],
+        &front_token,
+        "frontend",
+        front_app.addr(),
+        &[],
+        Some(front_state.path()),
+        "",
+    )
+    .await;
+    eventually(
+        Duration::from_secs(5),
+        "frontend reaches user-profile",
+        || async {
+            (get(frontend.outbound, "http://user-profile/echo").await == 200).then_some(())
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(5), "both in sync", || async {
+        let st = status(&control);
+        (st["proxies"].as_array().unwrap().len() == 2
+            && st["proxies"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["in_sync"] == true))
+        .then_some(())
+    })
+    .await;
+    assert!(front_state.path().join("config.pb").exists());
+    assert!(front_state.path().join("cert.pem").exists());
+
+    // Control plane gone: traffic keeps flowing.
+    let (grpc, api) = (control.grpc, control.api);
+    let control_dir = control.kill();
+    for _ in 0..10 {
+        assert_eq!(
+            get(frontend.outbound, "http://user-profile/echo").await,
+            200
+        );
+    }
+    eventually(
+        Duration::from_secs(5),
+        "the proxy notices the outage",
+        || async {
+            let m = frontend.proxy.metrics().await;
+            (sample(&m, "trellis_control_plane_connected", &[]) == Some(0.0)).then_some(())
+        },
+    )
+    .await;
+
+    // The frontend restarts while the control plane is still down: it comes up from its
+    // state directory (certificate and config) and reaches user-profile over mTLS.
+    let (front_in, front_out) = (frontend.inbound, frontend.outbound);
+    drop(frontend);
+    let admin = free_addr();
+    let yaml = format!(
+        "service: frontend\nnamespace: edtech\nadmin: {admin}\noutbound: {{ listen: {front_out} }}\n\
+         inbound:\n  - listen: {front_in}\n    app: {}\n",
+        front_app.addr()
+    );
+    let grpc_s = grpc.to_string();
+    let restarted = proxy(
+        &yaml,
+        admin,
+        &[
+            "--control",
+            &grpc_s,
+            "--token",
+            front_token.to_str().unwrap(),
+            "--state-dir",
+            front_state.path().to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(get(front_out, "http://user-profile/echo").await, 200);
+
+    let m = restarted.metrics().await;
+    assert!(sample(&m, "trellis_proxy_config_version", &[]).unwrap() > 0.0);
+
+    // The control plane comes back on its state: both proxies reconnect, register again, and
+    // a change applied now reaches them.
+    let control = Control::start_at(BIN, control_dir, grpc, api, &[]).await;
+    eventually(
+        Duration::from_secs(10),
+        "both proxies back in sync",
+        || async {
+            let st = status(&control);
+            (st["proxies"].as_array().unwrap().len() == 2
+                && st["proxies"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|p| p["in_sync"] == true))
+            .then_some(())
+        },
+    )
+    .await;
+    let dir = TempDir::new("push-after");
+    let (code, out) = apply(&control, &dir, "pa.yaml", STRICT_PROFILE);
+    assert_eq!(code, Some(0), "{out}");
+    eventually(
+        Duration::from_secs(2),
+        "the policy reaches user-profile",
+        || async {
+            let (_, cfg) = profile.proxy.admin_get("/config").await;
+            cfg.contains("profile-strict").then_some(())
+        },
+    )
+    .await;
+    assert_eq!(get(front_out, "http://user-profile/echo").await, 200);
+    drop(restarted);
+}

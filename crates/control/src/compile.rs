@@ -1,0 +1,217 @@
+//! The config compiler: stored resources and registered workloads in, one [`Compiled`] view
+//! per store revision out; from it, each proxy's snapshot (only what concerns that proxy).
+//!
+//! The shared part (services and endpoints, parsed resources) is built once per revision;
+//! the per-proxy part is a filter over it, cheap enough to run for every connected proxy.
+
+use crate::registry::Workload;
+use std::collections::BTreeMap;
+use std::net::ToSocketAddrs;
+use trellis_api::proto::config::{Endpoint, Service, Snapshot};
+use trellis_api::resources::service_entry::{Resolution, ServiceEntry};
+use trellis_api::resources::{Resource, WorkloadSelector};
+
+/// One stored resource, parsed, with what decides who receives it.
+struct Doc {
+    json: String,
+    /// For workload policies: namespace and selector. `None`: every proxy receives it.
+    policy_scope: Option<(String, Option<WorkloadSelector>)>,
+}
+
+/// Everything proxies are sent, as of one store revision.
+pub struct Compiled {
+    /// The store revision it reflects.
+    pub revision: u64,
+    services: Vec<Service>,
+    docs: Vec<Doc>,
+    root_namespace: String,
+    /// Stored documents that no longer parse (written by a newer version, or corrupt).
+    pub skipped: Vec<String>,
+}
+
+impl Compiled {
+    /// An empty view (before the first compile).
+    pub fn empty(root_namespace: &str) -> Self {
+        Self {
+            revision: 0,
+            services: Vec::new(),
+            docs: Vec::new(),
+            root_namespace: root_namespace.to_string(),
+            skipped: Vec::new(),
+        }
+    }
+
+    /// Builds the view of `resources` (`(key, json)`) and `workloads` at `revision`. Resolves
+    /// the host names of DNS ServiceEntries (blocking; run it off the async threads).
+    pub fn build(
+        revision: u64,
+        resources: &[(String, String)],
+        workloads: &[Workload],
+        root_namespace: &str,
+    ) -> Self {
+        let mut services: BTreeMap<(String, String), Service> = BTreeMap::new();
+        for w in workloads {
+            let svc = services
+                .entry((w.service.clone(), w.namespace.clone()))
+                .or_insert_with(|| Service {
+                    name: w.service.clone(),
+                    namespace: w.namespace.clone(),
+                    ..Default::default()
+                });
+            for p in &w.ports {
+                svc.endpoints.push(Endpoint {
+                    address: join_host_port(&w.address, p.port),
+                    identity: w.identity.clone(),
+                    labels: w.labels.clone().into_iter().collect(),
+                    ready: w.ready,
+                    protocol: p.protocol.clone(),
+                });
+            }
+        }
+        let mut docs = Vec::new();
+        let mut skipped = Vec::new();
+        for (key, json) in resources {
+            let (loaded, errors) = trellis_api::resources::parse(std::path::Path::new(key), json);
+            if !errors.is_empty() {
+                skipped.extend(errors.iter().map(|e| e.to_string()));
+                continue;
+            }
+            for l in loaded {
+                let policy_scope = match &l.resource {
+                    Resource::PeerAuthentication(p) => {
+                        Some((p.metadata.namespace().to_string(), p.spec.selector.clone()))
+                    }
+                    Resource::AuthorizationPolicy(p) => {
+                        Some((p.metadata.namespace().to_string(), p.spec.selector.clone()))
+                    }
+                    Resource::RequestAuthentication(p) => {
+                        Some((p.metadata.namespace().to_string(), p.spec.selector.clone()))
+                    }
+                    Resource::ServiceEntry(se) => {
+                        for s in entry_services(se) {
+                            services.insert((s.name.clone(), s.namespace.clone()), s);
+                        }
+                        None
+                    }
+                    _ => None,
+                };
+                docs.push(Doc {
+                    json: json.clone(),
+                    policy_scope,
+                });
+            }
+        }
+        Self {
+            revision,
+            services: services.into_values().collect(),
+            docs,
+            root_namespace: root_namespace.to_string(),
+            skipped,
+        }
+    }
+
+    /// The snapshot for `w`: every service, the routing resources, and only the workload
+    /// policies that select it (mesh-wide in the root namespace, namespace-wide, or by labels).
+    pub fn for_proxy(&self, w: &Workload) -> Snapshot {
+        let resources = self
+            .docs
+            .iter()
+            .filter(|d| match &d.policy_scope {
+                None => true,
+                Some((ns, _)) if *ns == self.root_namespace => true,
+                Some((ns, selector)) => {
+                    *ns == w.namespace && selector.as_ref().is_none_or(|s| s.matches(&w.labels))
+                }
+            })
+            .map(|d| d.json.clone())
+            .collect();
+        Snapshot {
+            version: self.revision,
+            services: self.services.clone(),
+            resources,
+        }
+    }
+
+    /// Number of services and endpoints (for logs).
+    pub fn counts(&self) -> (usize, usize) {
+        (
+            self.services.len(),
+            self.services.iter().map(|s| s.endpoints.len()).sum(),
+        )
+    }
+}
+
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The services a ServiceEntry adds: one per host, named by the host, in the entry's
+/// namespace; endpoints from `endpoints` (STATIC) or the hosts' DNS addresses (DNS).
+fn entry_services(se: &ServiceEntry) -> Vec<Service> {
+    let spec = &se.spec;
+    let port = spec.ports.first().map_or(80, |p| p.number) as u16;
+    let port_name = spec.ports.first().map(|p| p.name.as_str()).unwrap_or("");
+    let protocol = spec
+        .ports
+        .first()
+        .and_then(|p| p.protocol.as_deref())
+        .map_or("auto", |p| match p.to_ascii_uppercase().as_str() {
+            "HTTP" => "http1",
+            "HTTP2" => "http2",
+            "GRPC" => "grpc",
+            "TCP" | "TLS" | "HTTPS" => "tcp",
+            _ => "auto",
+        });
+    let endpoint = |address: String, labels: BTreeMap<String, String>| Endpoint {
+        address,
+        identity: String::new(),
+        labels: labels.into_iter().collect(),
+        ready: true,
+        protocol: protocol.to_string(),
+    };
+    spec.hosts
+        .iter()
+        .map(|host| {
+            let endpoints = match spec.resolution {
+                Resolution::Static | Resolution::None => spec
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let p = e.ports.get(port_name).copied().unwrap_or(port as u32) as u16;
+                        endpoint(join_host_port(&e.address, p), e.labels.clone())
+                    })
+                    .collect(),
+                Resolution::Dns | Resolution::DnsRoundRobin => {
+                    let names: Vec<String> = if spec.endpoints.is_empty() {
+                        vec![host.clone()]
+                    } else {
+                        spec.endpoints.iter().map(|e| e.address.clone()).collect()
+                    };
+                    names
+                        .iter()
+                        .flat_map(|n| {
+                            (n.as_str(), port)
+                                .to_socket_addrs()
+                                .map(|a| a.collect::<Vec<_>>())
+                                .unwrap_or_else(|e| {
+                                    tracing::warn!(host = %n, error = %e, "ServiceEntry host does not resolve");
+                                    Vec::new()
+                                })
+                        })
+                        .map(|a| endpoint(a.to_string(), BTreeMap::new()))
+                        .collect()
+                }
+            };
+            Service {
+                name: host.to_ascii_lowercase(),
+                namespace: se.metadata.namespace().to_string(),
+                hosts: vec![host.to_ascii_lowercase()],
+                endpoints,
+            }
+        })
+        .collect()
+}
