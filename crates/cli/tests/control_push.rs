@@ -505,3 +505,102 @@ async fn traffic_and_restarts_survive_a_control_plane_outage() {
     assert_eq!(get(front_out, "http://user-profile/echo").await, 200);
     drop(restarted);
 }
+
+#[tokio::test]
+async fn service_entries_reach_outside_the_mesh_and_refused_configs_show_in_status() {
+    let control = Control::start(BIN, &[]).await;
+    let partner = HttpOrigin::start().await.unwrap();
+    let front_app = HttpOrigin::start().await.unwrap();
+    let frontend = workload(
+        &[&control],
+        &control.token("frontend", "edtech", &[]),
+        "frontend",
+        front_app.addr(),
+        &[],
+        None,
+        "",
+    )
+    .await;
+    let dir = TempDir::new("se");
+    let entry = [
+        "apiVersion: networking.istio.io/v1",
+        "kind: ServiceEntry",
+        "metadata: { name: partner, namespace: edtech }",
+        "spec:",
+        "  hosts: [api.partner.example]",
+        &format!(
+            "  ports: [{{ number: {}, name: http, protocol: HTTP }}]",
+            partner.addr().port()
+        ),
+        "  resolution: STATIC",
+        "  endpoints: [{ address: 127.0.0.1 }]",
+    ]
+    .join("\n");
+    let (code, out) = apply(&control, &dir, "se.yaml", &entry);
+    assert_eq!(code, Some(0), "{out}");
+    eventually(
+        Duration::from_secs(2),
+        "the partner API is reachable by name",
+        || async {
+            (get(frontend.outbound, "http://api.partner.example/echo").await == 200).then_some(())
+        },
+    )
+    .await;
+
+    // A unix-socket endpoint is valid Istio but this proxy cannot dial it: it refuses the
+    // snapshot (NACK), keeps serving with the previous one, and `trellis status` says why.
+    let (code, out) = apply(
+        &control,
+        &dir,
+        "unix.yaml",
+        &[
+            "apiVersion: networking.istio.io/v1",
+            "kind: ServiceEntry",
+            "metadata: { name: local-socket, namespace: edtech }",
+            "spec:",
+            "  hosts: [socket.local]",
+            "  ports: [{ number: 80, name: http }]",
+            "  resolution: STATIC",
+            "  endpoints: [{ address: \"unix:///run/app.sock\" }]",
+        ]
+        .join("\n"),
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let st = eventually(Duration::from_secs(2), "the proxy NACKs", || async {
+        let st = status(&control);
+        let p = proxies_of(&st, "frontend").pop()?;
+        (!p["last_nack"].is_null() && p["in_sync"] == false).then_some(p)
+    })
+    .await;
+    assert!(
+        st["last_nack"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("unix domain socket"),
+        "{st}"
+    );
+    assert_eq!(
+        get(frontend.outbound, "http://api.partner.example/echo").await,
+        200
+    );
+    let (code, out, _) = control.cli(&["status"]);
+    assert_eq!(
+        code,
+        Some(1),
+        "status fails while a proxy refuses its config: {out}"
+    );
+    assert!(out.contains("NACK"), "{out}");
+    let (code, out, _) = control.cli(&["check"]);
+    assert_ne!(code, Some(0), "{out}");
+
+    // Fixing the config brings it back in sync.
+    let (code, out, err) = control.cli(&["delete", "serviceentry", "local-socket", "-n", "edtech"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    eventually(Duration::from_secs(2), "back in sync", || async {
+        let st = status(&control);
+        (proxies_of(&st, "frontend").pop()?["in_sync"] == true).then_some(())
+    })
+    .await;
+    let (code, out, _) = control.cli(&["status"]);
+    assert_eq!(code, Some(0), "{out}");
+}

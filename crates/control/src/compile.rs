@@ -182,7 +182,12 @@ fn entry_services(se: &ServiceEntry) -> Vec<Service> {
                     .iter()
                     .map(|e| {
                         let p = e.ports.get(port_name).copied().unwrap_or(port as u32) as u16;
-                        endpoint(join_host_port(&e.address, p), e.labels.clone())
+                        let address = if e.address.starts_with("unix://") {
+                            e.address.clone()
+                        } else {
+                            join_host_port(&e.address, p)
+                        };
+                        endpoint(address, e.labels.clone())
                     })
                     .collect(),
                 Resolution::Dns | Resolution::DnsRoundRobin => {

@@ -54,6 +54,12 @@ impl Pushed {
             let what = format!("service {}.{}", svc.name, svc.namespace);
             let mut endpoints = Vec::with_capacity(svc.endpoints.len());
             for e in &svc.endpoints {
+                if e.address.starts_with("unix://") {
+                    return Err(format!(
+                        "{what}: endpoint {}: unix domain socket endpoints are not supported by this proxy",
+                        e.address
+                    ));
+                }
                 let addr = e.address.parse().map_err(|_| {
                     format!("{what}: endpoint address {:?} is not ip:port", e.address)
                 })?;
