@@ -116,6 +116,10 @@ enum Command {
         /// Output format.
         #[arg(short, long, value_parser = ["text", "json"], default_value = "text")]
         output: String,
+        /// Also check cluster hosts against the services registered on the control plane
+        /// (`--api`), instead of trusting every `svc.ns` name.
+        #[arg(long)]
+        registered: bool,
     },
     /// Certificate authority: rotate the root, issue static identity files.
     #[command(subcommand)]
@@ -235,7 +239,15 @@ fn main() -> ExitCode {
         Command::Status { output } => report_ok(cmd::ops::status(&cli.api, output == "json")),
         Command::Backup { file, force } => report(cmd::ops::backup(&cli.api, &file, force)),
         Command::Restore { file, force } => report(cmd::ops::restore(&cli.api, &file, force)),
-        Command::Analyze { paths, output } => cmd::analyze::run(&paths, output == "json"),
+        Command::Analyze {
+            paths,
+            output,
+            registered,
+        } => cmd::analyze::run(
+            &paths,
+            output == "json",
+            registered.then_some(cli.api.as_str()),
+        ),
         Command::Ca(c) => report(cmd::ca::run(&cli.api, c)),
         Command::Demo(args) => match demo::run(args) {
             Ok(()) => ExitCode::SUCCESS,

@@ -247,6 +247,43 @@ async fn proxies_discover_each_other_and_get_their_config_within_a_second() {
         200
     );
 
+    // `trellis analyze --registered` checks cluster hosts against the registry.
+    let vs = dir.path().join("vs");
+    std::fs::create_dir_all(&vs).unwrap();
+    std::fs::write(
+        vs.join("vs.yaml"),
+        [
+            "apiVersion: networking.istio.io/v1",
+            "kind: VirtualService",
+            "metadata: { name: profile, namespace: edtech }",
+            "spec:",
+            "  hosts: [user-profile]",
+            "  http:",
+            "  - route:",
+            "    - destination: { host: user-profile }",
+            "      weight: 90",
+            "    - destination: { host: ghost }",
+            "      weight: 10",
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let vs = vs.to_str().unwrap();
+    let (code, out, _) = control.cli(&["analyze", vs]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        !out.contains("unknown-host"),
+        "offline, cluster names are trusted: {out}"
+    );
+    let (code, out, _) = control.cli(&["analyze", "--registered", vs]);
+    assert_eq!(code, Some(0), "warnings only: {out}");
+    assert!(
+        out.contains("unknown-host")
+            && out.contains("\"ghost\"")
+            && !out.contains("\"user-profile\""),
+        "{out}"
+    );
+
     // `trellis status` (table) names both; `trellis check` passes.
     let (code, out, err) = control.cli(&["status"]);
     assert_eq!(code, Some(0), "{out}{err}");

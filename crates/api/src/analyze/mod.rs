@@ -103,9 +103,19 @@ pub fn summary(findings: &[Finding]) -> String {
 /// Runs every rule over the resources loaded and the load errors; findings are sorted by
 /// file and line (rule order within one document).
 pub fn analyze(loaded: &[Loaded], errors: &[ResourceError]) -> Vec<Finding> {
+    analyze_with_registry(loaded, errors, None)
+}
+
+/// [`analyze`], checking cluster hosts (`svc.ns.svc.cluster.local`) against `registered`, the
+/// services a control plane knows (fully qualified), instead of trusting them.
+pub fn analyze_with_registry(
+    loaded: &[Loaded],
+    errors: &[ResourceError],
+    registered: Option<&std::collections::BTreeSet<String>>,
+) -> Vec<Finding> {
     let mut out: Vec<Finding> = errors.iter().map(schema).collect();
     duplicates(loaded, &mut out);
-    traffic::check(loaded, &mut out);
+    traffic::check(loaded, registered, &mut out);
     conflicts(loaded, &mut out);
     authz::check(loaded, &mut out);
     out.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));

@@ -20,6 +20,7 @@ use crate::names::DEFAULT_CLUSTER_DOMAIN;
 use crate::resources::http_match::HttpMatchRequest;
 use crate::resources::virtual_service::{Destination, HttpRoute};
 use crate::resources::{Loaded, Resource};
+use std::collections::BTreeSet;
 
 /// `host` fully qualified as seen from `namespace`, lower case, without a trailing dot.
 pub fn fqdn(host: &str, namespace: &str) -> String {
@@ -88,16 +89,19 @@ fn route_label(path: &str, r: &HttpRoute) -> String {
 
 /// Host patterns defined in the set (qualified): ServiceEntry and VirtualService hosts, and
 /// DestinationRule hosts (only used for route destinations).
-struct Defined {
+struct Defined<'a> {
     entries_and_routes: Vec<String>,
     rules: Vec<String>,
+    /// Services registered on a control plane (fully qualified), when the caller asked.
+    registered: Option<&'a BTreeSet<String>>,
 }
 
-impl Defined {
-    fn new(loaded: &[Loaded]) -> Self {
+impl<'a> Defined<'a> {
+    fn new(loaded: &[Loaded], registered: Option<&'a BTreeSet<String>>) -> Self {
         let mut d = Defined {
             entries_and_routes: Vec::new(),
             rules: Vec::new(),
+            registered,
         };
         for l in loaded {
             match &l.resource {
@@ -117,7 +121,11 @@ impl Defined {
     }
 
     fn knows(&self, host: &str, with_rules: bool) -> bool {
-        in_cluster(host)
+        let cluster_ok = match self.registered {
+            None => in_cluster(host),
+            Some(r) => r.contains(host),
+        };
+        cluster_ok
             || self
                 .entries_and_routes
                 .iter()
@@ -142,9 +150,20 @@ fn subsets_for<'a>(loaded: &'a [Loaded], host: &str) -> (bool, Vec<&'a str>) {
     (any, names)
 }
 
-/// Runs the traffic rules.
-pub fn check(loaded: &[Loaded], out: &mut Vec<Finding>) {
-    let defined = Defined::new(loaded);
+/// What an unknown host is not.
+fn unknown_because(registered: bool) -> &'static str {
+    if registered {
+        "is not a service registered on the control plane and no ServiceEntry defines it"
+    } else {
+        "is not a cluster service and no ServiceEntry defines it"
+    }
+}
+
+/// Runs the traffic rules. With `registered`, cluster service names are checked against the
+/// services registered on a control plane instead of being trusted.
+pub fn check(loaded: &[Loaded], registered: Option<&BTreeSet<String>>, out: &mut Vec<Finding>) {
+    let defined = Defined::new(loaded, registered);
+    let because = unknown_because(registered.is_some());
     for l in loaded {
         match &l.resource {
             Resource::VirtualService(v) => {
@@ -186,10 +205,7 @@ pub fn check(loaded: &[Loaded], out: &mut Vec<Finding>) {
                             l,
                             Level::Warning,
                             "unknown-host",
-                            format!(
-                                "{path}.host: {:?} is not a cluster service and no ServiceEntry defines it",
-                                d.host
-                            ),
+                            format!("{path}.host: {:?} {because}", d.host),
                         ));
                     }
                     let Some(subset) = &d.subset else { continue };
@@ -216,10 +232,7 @@ pub fn check(loaded: &[Loaded], out: &mut Vec<Finding>) {
                         l,
                         Level::Warning,
                         "unknown-host",
-                        format!(
-                            "spec.host: {:?} is not a cluster service and no ServiceEntry defines it",
-                            r.spec.host
-                        ),
+                        format!("spec.host: {:?} {because}", r.spec.host),
                     ));
                 }
             }

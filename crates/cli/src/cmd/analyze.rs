@@ -1,16 +1,17 @@
 //! `trellis analyze PATH... [-o text|json]`: offline checks of Istio YAML, like
 //! `istioctl analyze`. Loads the files, runs `trellis_api::analyze` and prints the findings.
 //! Exit code: 0 when there is no error (warnings only included), 1 with errors, 2 when a PATH
-//! does not exist.
+//! does not exist or (with `--registered`) the control plane cannot be asked.
 
 use serde_json::json;
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use trellis_api::analyze::{analyze, counts, summary};
+use trellis_api::analyze::{analyze_with_registry, counts, summary};
 use trellis_api::resources::load;
 
 /// Runs the command.
-pub fn run(paths: &[PathBuf], json_out: bool) -> ExitCode {
+pub fn run(paths: &[PathBuf], json_out: bool, registry_api: Option<&str>) -> ExitCode {
     if let Some(missing) = paths.iter().find(|p| !p.exists()) {
         eprintln!("error: {}: no such file or directory", missing.display());
         return ExitCode::from(2);
@@ -21,7 +22,14 @@ pub fn run(paths: &[PathBuf], json_out: bool) -> ExitCode {
         loaded.extend(ok);
         errors.extend(err);
     }
-    let findings = analyze(&loaded, &errors);
+    let registered = match registry_api.map(registered_services).transpose() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: asking the control plane for registered services: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let findings = analyze_with_registry(&loaded, &errors, registered.as_ref());
     let (n_errors, n_warnings) = counts(&findings);
     if json_out {
         let v = json!({ "findings": findings, "errors": n_errors, "warnings": n_warnings });
@@ -40,4 +48,23 @@ pub fn run(paths: &[PathBuf], json_out: bool) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// The services registered on the control plane at `api`, fully qualified.
+fn registered_services(api: &str) -> anyhow::Result<BTreeSet<String>> {
+    let status =
+        crate::api_client::block_on(crate::api_client::call(api, "GET", "/api/v1/status", None))??;
+    Ok(status["proxies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some(format!(
+                "{}.{}.svc.{}",
+                p["service"].as_str()?,
+                p["namespace"].as_str()?,
+                trellis_api::names::DEFAULT_CLUSTER_DOMAIN
+            ))
+        })
+        .collect())
 }
