@@ -459,23 +459,50 @@ async fn invalid_peer_authentication_is_refused_with_file_and_line() {
 #[tokio::test]
 async fn kinds_the_proxy_does_not_apply_are_refused_not_ignored() {
     let dir = TempDir::new("vs");
-    let vs = dir.path().join("vs.yaml");
+    let ap = dir.path().join("ap.yaml");
     std::fs::write(
-        &vs,
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: { name: reviews }\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: { host: reviews }\n",
+        &ap,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: { name: deny-all }\nspec: {}\n",
     )
     .unwrap();
     let file = dir.path().join("p.yaml");
     std::fs::write(
         &file,
-        format!("service: grades\nresources: [{}]\n", vs.display()),
+        format!("service: grades\nresources: [{}]\n", ap.display()),
     )
     .unwrap();
     let (code, _, err) =
         trellis_testkit::proxy::run(BIN, &["proxy", "--config", file.to_str().unwrap()]);
     assert_eq!(code, Some(2), "{err}");
     assert!(
-        err.contains("vs.yaml:1: VirtualService/reviews: kind: the proxy does not apply this kind"),
+        err.contains(
+            "ap.yaml:1: AuthorizationPolicy/deny-all: kind: the proxy does not apply this kind"
+        ),
+        "{err}"
+    );
+
+    // A kind it applies, with a field it does not enforce yet: refused by name at start.
+    let vs = dir.path().join("vs.yaml");
+    std::fs::write(
+        &vs,
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: { name: reviews }\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: { host: reviews }\n    corsPolicy: { allowOrigins: [{ exact: \"https://a.example\" }] }\n",
+    )
+    .unwrap();
+    let admin = free_addr();
+    std::fs::write(
+        &file,
+        format!(
+            "service: grades\nadmin: {admin}\noutbound: {{ listen: {} }}\nupstreams:\n  - service: reviews\n    endpoints: [127.0.0.1:9]\nresources: [{}]\n",
+            free_addr(),
+            vs.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) =
+        trellis_testkit::proxy::run(BIN, &["proxy", "--config", file.to_str().unwrap()]);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(
+        err.contains("VirtualService default/reviews: spec.http[0].corsPolicy: not enforced by this proxy yet"),
         "{err}"
     );
 }

@@ -7,6 +7,8 @@ use crate::config::{Bootstrap, MtlsMode, Protocol};
 use crate::http::forward::{Destination, Forwarder, Shared};
 use crate::listener::Listener;
 use crate::pushed::Pushed;
+use crate::route::compile::ClusterSpec;
+use crate::route::VirtualHost;
 use crate::telemetry::metrics::{Peer, UNKNOWN};
 use crate::telemetry::Metrics;
 use crate::tls::{InboundTls, UpstreamTls};
@@ -53,12 +55,12 @@ pub fn assemble(
     let inbound_stats = metrics.http_stats("inbound", my_peer.clone());
     for (i, inb) in boot.inbound.iter().enumerate() {
         let field = format!("inbound[{i}].listen");
-        let app = Arc::new(Service::new(
+        let app = Arc::new(VirtualHost::plain(Arc::new(Service::new(
             me.clone(),
             vec![pool.endpoint(inb.app, None)],
             inb.timeout.map(|d| d.0),
             inbound_stats.clone(),
-        ));
+        ))));
         let l = Listener {
             name: field.clone(),
             direction: "inbound",
@@ -98,8 +100,7 @@ pub fn assemble(
             "{what} asks for mTLS, but this proxy has no identity"
         ))),
     };
-    let mut services: BTreeMap<ServiceKey, (Vec<Arc<EndpointConns>>, Option<std::time::Duration>)> =
-        BTreeMap::new();
+    let mut clusters: BTreeMap<ServiceKey, ClusterSpec> = BTreeMap::new();
     let mut hosts = Vec::new();
     for svc in pushed.map_or(&[][..], |p| p.services.as_slice()) {
         let mut endpoints = Vec::new();
@@ -108,45 +109,75 @@ pub fn assemble(
                 Some(id) => Some(upstream_tls(id, &format!("service {}", svc.key))?),
                 None => None,
             };
-            endpoints.push(pool.endpoint(e.addr, tls));
+            endpoints.push((pool.endpoint(e.addr, tls), e.labels.clone()));
         }
-        services.insert(svc.key.clone(), (endpoints, None));
+        clusters.insert(
+            svc.key.clone(),
+            ClusterSpec {
+                endpoints,
+                timeout: None,
+            },
+        );
         hosts.extend(svc.hosts.iter().map(|h| (h.clone(), svc.key.clone())));
     }
     for (i, u) in boot.upstreams.iter().enumerate() {
         let key = boot.upstream_key(u);
-        let entry = services.entry(key).or_default();
+        let entry = clusters.entry(key).or_insert_with(|| ClusterSpec {
+            endpoints: Vec::new(),
+            timeout: None,
+        });
         if !u.endpoints.is_empty() {
             let tls = match &u.identity {
                 Some(id) => Some(upstream_tls(id, &format!("upstreams[{i}].identity"))?),
                 None => None,
             };
-            entry.0 = u
+            entry.endpoints = u
                 .endpoints
                 .iter()
-                .map(|a| pool.endpoint(*a, tls.clone()))
+                .map(|a| (pool.endpoint(*a, tls.clone()), Default::default()))
                 .collect();
         }
-        entry.1 = u.timeout.map(|d| d.0);
+        entry.timeout = u.timeout.map(|d| d.0);
     }
-    let services: Vec<Arc<Service>> = services
-        .into_iter()
-        .map(|(key, (endpoints, timeout))| {
-            let peer = Peer::new(&key.name, &key.namespace);
-            Arc::new(Service::new(
-                key,
-                endpoints,
-                timeout,
-                metrics.http_stats("outbound", peer),
-            ))
-        })
+    let table_for_names = ServiceTable::new(
+        Default::default(),
+        hosts.clone(),
+        &me.namespace,
+        &boot.cluster_domain,
+    );
+    let known: std::collections::HashSet<&ServiceKey> = clusters.keys().collect();
+    // A host as a VirtualService in `namespace` means it: an external (ServiceEntry) host, or
+    // a mesh name with short names in that namespace.
+    let resolve = |host: &str, namespace: &str| -> Option<ServiceKey> {
+        if let Some(k) = table_for_names.external(host) {
+            return Some(k.clone());
+        }
+        let h = trellis_api::names::HostName::parse(host, &boot.cluster_domain).ok()?;
+        let key = ServiceKey::new(&h.name, h.namespace.as_deref().unwrap_or(namespace));
+        known.contains(&key).then_some(key)
+    };
+    let make = |key: &ServiceKey,
+                subset: Option<&str>,
+                endpoints: Vec<Arc<EndpointConns>>,
+                timeout: Option<std::time::Duration>| {
+        let peer = Peer::new(&key.name, &key.namespace);
+        let mut s = Service::new(
+            key.clone(),
+            endpoints,
+            timeout,
+            metrics.http_stats("outbound", peer),
+        );
+        s.subset = subset.map(Arc::from);
+        Arc::new(s)
+    };
+    let resources: Vec<Loaded> = boot
+        .loaded
+        .iter()
+        .chain(pushed_resources)
+        .cloned()
         .collect();
-    let by_key: HashMap<&ServiceKey, &Arc<Service>> =
-        services.iter().map(|s| (&s.key, s)).collect();
-    let hosts: Vec<(String, Arc<Service>)> = hosts
-        .into_iter()
-        .filter_map(|(h, k)| by_key.get(&k).map(|s| (h, (*s).clone())))
-        .collect();
+    let vhosts = crate::route::compile::compile(&clusters, &resources, &resolve, &make)
+        .map_err(ProxyError::Config)?;
 
     for (i, u) in boot.upstreams.iter().enumerate() {
         let Some(addr) = u.listen else { continue };
@@ -186,7 +217,7 @@ pub fn assemble(
     }
 
     Ok(Assembly {
-        services: ServiceTable::new(services, hosts, &me.namespace, &boot.cluster_domain),
+        services: ServiceTable::new(vhosts, hosts, &me.namespace, &boot.cluster_domain),
         listeners,
     })
 }

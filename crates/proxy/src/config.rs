@@ -119,7 +119,8 @@ pub struct Bootstrap {
     /// probed every second; while it fails the control plane marks this endpoint unready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness_path: Option<String>,
-    /// Files or directories of Istio resources applied locally (PeerAuthentication so far).
+    /// Files or directories of Istio resources applied locally (PeerAuthentication,
+    /// VirtualService, DestinationRule so far).
     /// Relative paths are relative to the bootstrap file.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resources: Vec<PathBuf>,
@@ -301,10 +302,11 @@ impl Bootstrap {
             errors.extend(errs);
             for loaded in ok {
                 // Never silently ignore a resource: refuse the kinds the proxy does not apply.
+                use trellis_api::resources::Resource;
                 match &loaded.resource {
-                    trellis_api::resources::Resource::PeerAuthentication(_) => {
-                        boot.loaded.push(loaded)
-                    }
+                    Resource::PeerAuthentication(_)
+                    | Resource::VirtualService(_)
+                    | Resource::DestinationRule(_) => boot.loaded.push(loaded),
                     other => errors.push(trellis_api::resources::ResourceError {
                         source: loaded.source.clone(),
                         object: {
@@ -312,7 +314,7 @@ impl Bootstrap {
                             format!("{kind}/{}", meta.name)
                         },
                         field: "kind".into(),
-                        message: "the proxy does not apply this kind in static mode yet (PeerAuthentication only)".into(),
+                        message: "the proxy does not apply this kind in static mode yet (PeerAuthentication, VirtualService and DestinationRule only)".into(),
                     }),
                 }
             }

@@ -7,6 +7,7 @@
 
 pub mod admin;
 mod assemble;
+pub mod balance;
 pub mod config;
 pub mod control_stream;
 pub mod detect;
@@ -15,7 +16,9 @@ pub mod identity_client;
 pub mod io;
 pub mod listener;
 mod live;
+pub mod policy;
 pub mod pushed;
+pub mod route;
 pub mod tcp;
 pub mod telemetry;
 pub mod tls;
@@ -53,6 +56,9 @@ pub enum ProxyError {
     /// The workload identity could not be set up.
     #[error("identity: {0}")]
     Identity(String),
+    /// The resources do not compile into routes.
+    #[error("config: {0}")]
+    Config(String),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
@@ -133,6 +139,7 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
         metrics: metrics.clone(),
         tracker: tracker.clone(),
         services: Default::default(),
+        workload: (boot.namespace.clone(), boot.labels.clone()),
     });
     let ctx = Arc::new(Context {
         metrics: metrics.clone(),

@@ -196,8 +196,8 @@ where
             .await;
         }
         Detected::Tls | Detected::Opaque => match &l.tcp_target {
-            Some(target) => match target.service(&l.forwarder.shared.services.load()) {
-                Ok(service) => crate::tcp::forward(io, &service).await,
+            Some(target) => match target.host(&l.forwarder.shared.services.load()) {
+                Ok(host) => crate::tcp::forward(io, &host.cluster).await,
                 Err(e) => {
                     tracing::info!(listener = %l.name, client = %client.addr, error = %e, "TCP connection closed");
                 }

@@ -19,6 +19,8 @@ pub struct PushedEndpoint {
     pub identity: Option<SpiffeId>,
     /// Whether its app is ready.
     pub ready: bool,
+    /// Its workload's labels (subsets select by them).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// One pushed service.
@@ -74,6 +76,7 @@ impl Pushed {
                     addr,
                     identity,
                     ready: e.ready,
+                    labels: e.labels.clone().into_iter().collect(),
                 });
             }
             services.push(PushedService {

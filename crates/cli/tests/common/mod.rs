@@ -33,6 +33,19 @@ impl H2 {
         Self { tx }
     }
 
+    /// Sends a built request: (status, headers, body).
+    pub async fn send(&self, req: http::Request<Full<Bytes>>) -> (u16, http::HeaderMap, Bytes) {
+        let resp = self
+            .tx
+            .clone()
+            .send_request(req)
+            .await
+            .expect("h2 response");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("h2 body").to_bytes();
+        (parts.status.as_u16(), parts.headers, body)
+    }
+
     /// One request: (status, headers, body).
     pub async fn request(
         &self,

@@ -16,12 +16,12 @@ const PREFIX: &str = "/trellis/";
 
 /// See the module docs.
 pub struct Etcd {
-    client: Client,
     endpoints: Vec<String>,
     shared: Arc<Shared>,
 }
 
 struct Shared {
+    members: Members,
     watchers: Watchers,
     lease: AtomicI64,
     /// Ephemeral keys this replica holds, re-put when the lease has to be replaced.
@@ -45,24 +45,51 @@ fn transient(e: &etcd_client::Error) -> bool {
     }
 }
 
-/// Runs `op`, retrying transient failures for about three seconds: with one member of the
-/// cluster gone, the client's next attempt goes to another.
-async fn retry<T, F, Fut>(mut op: F) -> Result<T, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
-{
-    let mut wait = Duration::from_millis(50);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    loop {
-        match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) if transient(&e) && tokio::time::Instant::now() + wait < deadline => {
-                tracing::debug!(error = %e, "etcd request failed; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_millis(500));
+/// One client per cluster member: a request goes to the current member, and a transient
+/// failure moves to the next one (the client's own balancing keeps choosing a dead member).
+struct Members {
+    clients: Vec<Client>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+impl Members {
+    /// The current member's client and its index.
+    fn client(&self) -> (usize, Client) {
+        let i = self.current.load(Ordering::Relaxed) % self.clients.len();
+        (i, self.clients[i].clone())
+    }
+
+    /// Moves past member `i` (unless another task already did).
+    fn next(&self, i: usize) {
+        let _ = self.current.compare_exchange(
+            i,
+            (i + 1) % self.clients.len(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Runs `op` on a member, retrying transient failures on the next members for about
+    /// three seconds.
+    async fn retry<T, F, Fut>(&self, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut wait = Duration::from_millis(20);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let (i, client) = self.client();
+            match op(client).await {
+                Ok(v) => return Ok(v),
+                Err(e) if transient(&e) && tokio::time::Instant::now() + wait < deadline => {
+                    tracing::debug!(error = %e, "etcd request failed; trying the next member");
+                    self.next(i);
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_millis(400));
+                }
+                Err(e) => return Err(err(e)),
             }
-            Err(e) => return Err(err(e)),
         }
     }
 }
@@ -82,29 +109,41 @@ impl Etcd {
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-        let client = Client::connect(endpoints, Some(opts)).await.map_err(err)?;
-        let status = client
-            .maintenance_client()
-            .status()
+        let mut clients = Vec::new();
+        for ep in endpoints {
+            clients.push(
+                Client::connect([ep.as_str()], Some(opts.clone()))
+                    .await
+                    .map_err(|e| StoreError::Etcd(format!("{ep}: {e}")))?,
+            );
+        }
+        let members = Members {
+            clients,
+            current: Default::default(),
+        };
+        let status = members
+            .retry(|c| async move { c.maintenance_client().status().await })
             .await
             .map_err(|e| StoreError::Etcd(format!("{}: {e}", endpoints.join(","))))?;
         let revision = revision_of(status.header());
-        let lease = client
-            .lease_client()
-            .grant(EPHEMERAL_TTL.as_secs() as i64, None)
-            .await
-            .map_err(err)?
+        let lease = members
+            .retry(|c| async move {
+                c.lease_client()
+                    .grant(EPHEMERAL_TTL.as_secs() as i64, None)
+                    .await
+            })
+            .await?
             .id();
         let shared = Arc::new(Shared {
+            members,
             watchers: Watchers::default(),
             lease: AtomicI64::new(lease),
             ephemeral: Mutex::new(BTreeMap::new()),
             revision: revision.into(),
         });
-        tokio::spawn(keep_lease(client.clone(), shared.clone()));
-        tokio::spawn(watch_all(client.clone(), shared.clone(), revision));
+        tokio::spawn(keep_lease(shared.clone()));
+        tokio::spawn(watch_all(shared.clone(), revision));
         Ok(Self {
-            client,
             endpoints: endpoints.to_vec(),
             shared,
         })
@@ -114,13 +153,15 @@ impl Etcd {
         format!("etcd ({})", self.endpoints.join(","))
     }
 
+    fn members(&self) -> &Members {
+        &self.shared.members
+    }
+
     pub(super) async fn get(&self, k: &str) -> Result<Option<Entry>, StoreError> {
         let resp = self
-            .client
-            .kv_client()
-            .get(key(k), None)
-            .await
-            .map_err(err)?;
+            .members()
+            .retry(|c| async move { c.kv_client().get(key(k), None).await })
+            .await?;
         Ok(resp.kvs().first().map(|kv| Entry {
             value: String::from_utf8_lossy(kv.value()).into_owned(),
             mod_revision: kv.mod_revision().max(0) as u64,
@@ -131,13 +172,14 @@ impl Etcd {
         &self,
         prefix: &str,
     ) -> Result<(Vec<(String, Entry)>, u64), StoreError> {
-        let resp = retry(|| async {
-            self.client
-                .kv_client()
-                .get(key(prefix), Some(GetOptions::new().with_prefix()))
-                .await
-        })
-        .await?;
+        let resp = self
+            .members()
+            .retry(|c| async move {
+                c.kv_client()
+                    .get(key(prefix), Some(GetOptions::new().with_prefix()))
+                    .await
+            })
+            .await?;
         let mut out: Vec<(String, Entry)> = resp
             .kvs()
             .iter()
@@ -176,13 +218,13 @@ impl Etcd {
                 }
             }
         }
-        let resp = retry(|| async {
-            self.client
-                .kv_client()
-                .txn(Txn::new().and_then(txn_ops.clone()))
-                .await
-        })
-        .await?;
+        let resp = self
+            .members()
+            .retry(|c| {
+                let txn = Txn::new().and_then(txn_ops.clone());
+                async move { c.kv_client().txn(txn).await }
+            })
+            .await?;
         Ok(revision_of(resp.header()))
     }
 
@@ -195,13 +237,13 @@ impl Etcd {
             .iter()
             .map(|(k, v)| TxnOp::put(key(k), v.as_bytes(), None))
             .collect();
-        let resp = retry(|| async {
-            self.client
-                .kv_client()
-                .txn(Txn::new().when(when.clone()).and_then(then.clone()))
-                .await
-        })
-        .await?;
+        let resp = self
+            .members()
+            .retry(|c| {
+                let txn = Txn::new().when(when.clone()).and_then(then.clone());
+                async move { c.kv_client().txn(txn).await }
+            })
+            .await?;
         Ok(resp.succeeded())
     }
 
@@ -211,18 +253,17 @@ impl Etcd {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(k.to_string(), value.clone());
-        retry(|| async {
-            let lease = self.shared.lease.load(Ordering::Acquire);
-            self.client
-                .kv_client()
-                .put(
-                    key(k),
-                    value.clone(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )
-                .await
-        })
-        .await?;
+        self.members()
+            .retry(|c| {
+                let lease = self.shared.lease.load(Ordering::Acquire);
+                let value = value.clone();
+                async move {
+                    c.kv_client()
+                        .put(key(k), value, Some(PutOptions::new().with_lease(lease)))
+                        .await
+                }
+            })
+            .await?;
         Ok(())
     }
 
@@ -237,17 +278,14 @@ impl Etcd {
                 eph.remove(k);
             }
         }
-        retry(|| async {
-            self.client
-                .kv_client()
-                .txn(
-                    Txn::new()
-                        .when([Compare::value(key(k), CompareOp::Equal, value.as_bytes())])
-                        .and_then([TxnOp::delete(key(k), None)]),
-                )
-                .await
-        })
-        .await?;
+        self.members()
+            .retry(|c| {
+                let txn = Txn::new()
+                    .when([Compare::value(key(k), CompareOp::Equal, value.as_bytes())])
+                    .and_then([TxnOp::delete(key(k), None)]);
+                async move { c.kv_client().txn(txn).await }
+            })
+            .await?;
         Ok(())
     }
 
@@ -258,17 +296,13 @@ impl Etcd {
 
     pub(super) async fn health(&self) -> Result<String, StoreError> {
         let members = self
-            .client
-            .cluster_client()
-            .member_list()
-            .await
-            .map_err(err)?;
+            .members()
+            .retry(|c| async move { c.cluster_client().member_list().await })
+            .await?;
         let status = self
-            .client
-            .maintenance_client()
-            .status()
-            .await
-            .map_err(err)?;
+            .members()
+            .retry(|c| async move { c.maintenance_client().status().await })
+            .await?;
         Ok(format!(
             "etcd {} ({} members, leader {:x}, revision {})",
             status.version(),
@@ -281,9 +315,10 @@ impl Etcd {
 
 /// Keeps this replica's lease alive; when it is lost (etcd unreachable for longer than its
 /// TTL), grants a new one and puts the ephemeral keys back on it.
-async fn keep_lease(client: Client, shared: Arc<Shared>) {
+async fn keep_lease(shared: Arc<Shared>) {
     let period = EPHEMERAL_TTL / 3;
     loop {
+        let (member, client) = shared.members.client();
         let id = shared.lease.load(Ordering::Acquire);
         let alive = async {
             let (mut keeper, mut stream) = client.lease_client().keep_alive(id).await?;
@@ -298,8 +333,10 @@ async fn keep_lease(client: Client, shared: Arc<Shared>) {
         }
         .await;
         if let Err(e) = alive {
-            tracing::warn!(error = %e, "etcd lease keep-alive failed");
-            tokio::time::sleep(period).await;
+            tracing::warn!(error = %e, "etcd lease keep-alive failed; trying the next member");
+            shared.members.next(member);
+            tokio::time::sleep(period / 4).await;
+            continue;
         }
         // Lease expired or the stream broke: make sure we hold a live lease.
         let ttl = client
@@ -341,8 +378,9 @@ async fn keep_lease(client: Client, shared: Arc<Shared>) {
 
 /// Watches `/trellis/` and wakes the subscribers of every changed key. After a broken watch
 /// it resumes from the last revision seen, or tells everyone to reload if that was compacted.
-async fn watch_all(client: Client, shared: Arc<Shared>, mut revision: u64) {
+async fn watch_all(shared: Arc<Shared>, mut revision: u64) {
     loop {
+        let (member, client) = shared.members.client();
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision as i64 + 1);
@@ -377,8 +415,9 @@ async fn watch_all(client: Client, shared: Arc<Shared>, mut revision: u64) {
         }
         .await;
         if let Err(e) = result {
-            tracing::warn!(error = %e, "etcd watch broke; resuming");
+            tracing::warn!(error = %e, "etcd watch broke; resuming on the next member");
+            shared.members.next(member);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

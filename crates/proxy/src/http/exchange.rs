@@ -27,6 +27,8 @@ pub struct LogFields {
     pub trace_id: String,
     /// Chosen endpoint.
     pub upstream: String,
+    /// Matched route.
+    pub route: String,
 }
 
 /// A request in flight.
@@ -82,6 +84,7 @@ impl Exchange {
                 request_id: f.request_id,
                 trace_id: f.trace_id,
                 upstream: f.upstream,
+                route: f.route,
             });
         }
     }

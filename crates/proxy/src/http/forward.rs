@@ -9,6 +9,8 @@ use super::body::{RequestBody, ResponseBody};
 use super::exchange::{Exchange, LogFields};
 use super::headers;
 use super::respond;
+use crate::route::matcher::MatchContext;
+use crate::route::{Abort, Action, Decision, Route, VirtualHost};
 use crate::telemetry::metrics::{Metrics, Peer};
 use crate::telemetry::AccessLog;
 use crate::tls::UpstreamUse;
@@ -29,8 +31,8 @@ use trellis_api::names::ServiceKey;
 
 /// Where a listener's requests go.
 pub enum Destination {
-    /// Always this service (the local app of an inbound port).
-    Fixed(Arc<Service>),
+    /// Always this host (the local app of an inbound port).
+    Fixed(Arc<VirtualHost>),
     /// This upstream service, as the current config knows it (a per-upstream port).
     Upstream(ServiceKey),
     /// The service named by the request's host (the outbound HTTP proxy listener).
@@ -38,8 +40,8 @@ pub enum Destination {
 }
 
 impl Destination {
-    /// The service of a fixed or upstream destination in the current `services`.
-    pub fn service(&self, services: &ServiceTable) -> Result<Arc<Service>, String> {
+    /// The virtual host of a fixed or upstream destination in the current `services`.
+    pub fn host(&self, services: &ServiceTable) -> Result<Arc<VirtualHost>, String> {
         match self {
             Destination::Fixed(s) => Ok(s.clone()),
             Destination::Upstream(key) => services
@@ -73,6 +75,8 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// The upstream services of the current config (swapped when a new config arrives).
     pub services: ArcSwap<ServiceTable>,
+    /// This workload's namespace and labels (route `sourceNamespace` / `sourceLabels`).
+    pub workload: (String, std::collections::BTreeMap<String, String>),
 }
 
 /// Forwards the requests of one listener.
@@ -110,21 +114,19 @@ impl Forwarder {
         req: Request<Incoming>,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let start = Instant::now();
-        let service = match &self.destination {
+        let vhost = match &self.destination {
             Destination::Fixed(s) => s.clone(),
-            Destination::Upstream(_) => {
-                match self.destination.service(&self.shared.services.load()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        return Ok(respond::error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "unknown-service",
-                            format!("trellis: {e}"),
-                            None,
-                        ))
-                    }
+            Destination::Upstream(_) => match self.destination.host(&self.shared.services.load()) {
+                Ok(s) => s,
+                Err(e) => {
+                    return Ok(respond::error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unknown-service",
+                        format!("trellis: {e}"),
+                        None,
+                    ))
                 }
-            }
+            },
             Destination::ByHost => {
                 let table = self.shared.services.load();
                 let Some(host) = authority_of(&req) else {
@@ -149,14 +151,134 @@ impl Forwarder {
             }
         };
         if req.method() == Method::CONNECT {
-            return Ok(self.tunnel(service, req).await);
+            return Ok(self.tunnel(vhost.cluster.clone(), req).await);
         }
-        Ok(self.forward(service, client, req, start).await)
+        Ok(self.route(vhost, client, req, start).await)
+    }
+
+    /// Routes the request (VirtualService routes of its host), then forwards it or answers.
+    async fn route(
+        &self,
+        vhost: Arc<VirtualHost>,
+        client: Arc<ClientConn>,
+        req: Request<Incoming>,
+        start: Instant,
+    ) -> Response<ResponseBody> {
+        if vhost.routes.is_empty() {
+            return self
+                .forward(&vhost.cluster, None, None, client, req, start)
+                .await;
+        }
+        let (mut parts, body) = req.into_parts();
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        let (host, port) = split_host_port(&authority);
+        let path = parts.uri.path().to_string();
+        let (ns, labels) = &self.shared.workload;
+        let cx = MatchContext {
+            path: &path,
+            authority: host,
+            port,
+            source_labels: labels,
+            source_namespace: ns,
+        };
+        let decision = vhost.decide(&parts, &cx);
+        let (cluster, route, backend_headers) = match decision {
+            Decision::NoRoute => {
+                return respond::error(
+                    StatusCode::NOT_FOUND,
+                    "no-route",
+                    format!("trellis: no route of {} matches", vhost.key),
+                    None,
+                )
+            }
+            Decision::Answer(route) => return answer(route, &parts, &authority),
+            Decision::Forward {
+                cluster,
+                route,
+                backend_headers,
+            } => (cluster.clone(), route, backend_headers),
+        };
+        let Some(route) = route else {
+            return self
+                .forward(
+                    &cluster,
+                    None,
+                    None,
+                    client,
+                    Request::from_parts(parts, body),
+                    start,
+                )
+                .await;
+        };
+        if let Some(fault) = &route.fault {
+            if let Some(d) = fault.delay() {
+                tokio::time::sleep(d).await;
+            }
+            if let Some(abort) = fault.abort() {
+                return aborted(abort);
+            }
+        }
+        if let Some(new_path) = route.rewritten_path(&path, &parts, &cx) {
+            let pq = match parts.uri.query() {
+                Some(q) => format!("{new_path}?{q}"),
+                None => new_path,
+            };
+            let mut uri = parts.uri.clone().into_parts();
+            uri.path_and_query = PathAndQuery::try_from(pq).ok();
+            if let Ok(u) = Uri::from_parts(uri) {
+                parts.uri = u;
+            }
+        }
+        if let Some(a) = route.rewrite.as_ref().and_then(|r| r.authority.clone()) {
+            if parts.uri.authority().is_some() {
+                let mut uri = parts.uri.clone().into_parts();
+                uri.authority = Authority::try_from(a.as_bytes()).ok();
+                if let Ok(u) = Uri::from_parts(uri) {
+                    parts.uri = u;
+                }
+            }
+            parts.headers.insert(header::HOST, a);
+        }
+        route.headers.request.apply(&mut parts.headers);
+        if let Some(h) = backend_headers {
+            h.request.apply(&mut parts.headers);
+        }
+        let response_edits = [
+            Some(&route.headers.response),
+            backend_headers.map(|h| &h.response),
+        ];
+        let mut resp = self
+            .forward(
+                &cluster,
+                Some(route),
+                route.timeout,
+                client,
+                Request::from_parts(parts, body),
+                start,
+            )
+            .await;
+        for e in response_edits.into_iter().flatten() {
+            e.apply(resp.headers_mut());
+        }
+        resp
     }
 
     async fn forward(
         &self,
-        service: Arc<Service>,
+        service: &Arc<Service>,
+        route: Option<&Route>,
+        route_timeout: Option<std::time::Duration>,
         client: Arc<ClientConn>,
         mut req: Request<Incoming>,
         start: Instant,
@@ -208,6 +330,7 @@ impl Forwarder {
                     .as_ref()
                     .map(|e| e.addr().to_string())
                     .unwrap_or_default(),
+                route: route.map(|r| r.name.to_string()).unwrap_or_default(),
             }));
         }
 
@@ -246,7 +369,7 @@ impl Forwarder {
         let req = req.map(|b| RequestBody::new(b, bytes_in));
 
         let sent = send(&endpoint, req, h2);
-        let result = match service.timeout {
+        let result = match route_timeout.or(service.timeout) {
             Some(t) => match tokio::time::timeout(t, sent).await {
                 Ok(r) => r,
                 Err(_) => {
@@ -265,7 +388,7 @@ impl Forwarder {
         };
         let (mut resp, pooled) = match result {
             Ok(r) => r,
-            Err(e) => return upstream_error(&service, e, Some(exchange)),
+            Err(e) => return upstream_error(service, e, Some(exchange)),
         };
 
         let status = resp.status();
@@ -421,4 +544,86 @@ fn upstream_error(
         format!("trellis: service {}: {err}", service.key),
         exchange,
     )
+}
+
+/// `host[:port]` split; IPv6 literals keep their brackets.
+fn split_host_port(authority: &str) -> (&str, Option<u16>) {
+    match authority.rsplit_once(':') {
+        Some((h, p))
+            if !h.is_empty() && !h.ends_with(':') && p.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            (h, p.parse().ok())
+        }
+        _ => (authority, None),
+    }
+}
+
+/// The answer of a redirect or direct-response route.
+fn answer(route: &Route, parts: &http::request::Parts, authority: &str) -> Response<ResponseBody> {
+    let mut resp = match &route.action {
+        Action::Direct { status, body } => {
+            let mut r = Response::new(ResponseBody::full(body.to_vec(), None));
+            *r.status_mut() = *status;
+            r
+        }
+        Action::Redirect(rd) => {
+            let (host, port) = split_host_port(authority);
+            let host = rd.authority.as_deref().unwrap_or(host);
+            let port = rd.port.or(port);
+            let scheme = rd
+                .scheme
+                .as_deref()
+                .or(parts.uri.scheme_str())
+                .unwrap_or("http");
+            let path = rd.uri.clone().unwrap_or_else(|| {
+                parts
+                    .uri
+                    .path_and_query()
+                    .map_or_else(|| "/".into(), |p| p.to_string())
+            });
+            let location = match port {
+                Some(p) => format!("{scheme}://{host}:{p}{path}"),
+                None => format!("{scheme}://{host}{path}"),
+            };
+            let mut r = Response::new(ResponseBody::empty());
+            *r.status_mut() = rd.status;
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            r
+        }
+        Action::Forward(_) => Response::new(ResponseBody::empty()),
+    };
+    route.headers.response.apply(resp.headers_mut());
+    resp
+}
+
+/// The response of an injected abort.
+fn aborted(abort: Abort) -> Response<ResponseBody> {
+    match abort {
+        Abort::Http(status) => respond::error(
+            status,
+            "fault-injected",
+            "trellis: fault injected by the route".into(),
+            None,
+        ),
+        Abort::Grpc(code) => {
+            let mut r = Response::new(ResponseBody::empty());
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from(code));
+            h.insert(
+                "grpc-message",
+                HeaderValue::from_static("fault%20injected%20by%20the%20route"),
+            );
+            h.insert(
+                respond::PROXY_ERROR_HEADER,
+                HeaderValue::from_static("fault-injected"),
+            );
+            r
+        }
+    }
 }

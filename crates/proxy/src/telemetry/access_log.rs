@@ -40,6 +40,9 @@ pub struct Entry {
     pub trace_id: String,
     /// The upstream endpoint address, when one was chosen.
     pub upstream: String,
+    /// The route that matched (VirtualService route name, or `namespace/name#index`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub route: String,
 }
 
 /// Where access log entries go. Cheap to clone.

@@ -2,6 +2,7 @@
 
 pub mod pool;
 
+use crate::route::VirtualHost;
 use crate::telemetry::metrics::{HttpStats, Peer};
 use pool::EndpointConns;
 use std::collections::HashMap;
@@ -10,10 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use trellis_api::names::{HostName, ServiceKey};
 
-/// A service the proxy forwards to (an upstream, or the local app for inbound traffic).
+/// A cluster the proxy forwards to: an upstream service, a subset of its endpoints, or the
+/// local app for inbound traffic.
 pub struct Service {
     /// Name and namespace.
     pub key: ServiceKey,
+    /// The DestinationRule subset this cluster is, if it is one.
+    pub subset: Option<Arc<str>>,
     /// The service as metrics label it.
     pub peer: Peer,
     /// Response-header timeout; 504 past it.
@@ -35,6 +39,7 @@ impl Service {
         Self {
             peer: Peer::new(&key.name, &key.namespace),
             key,
+            subset: None,
             timeout,
             stats,
             endpoints,
@@ -69,9 +74,9 @@ pub enum LookupError {
 /// Upstream services by name, for routing by `Host` / `:authority`.
 #[derive(Default)]
 pub struct ServiceTable {
-    by_key: HashMap<ServiceKey, Arc<Service>>,
+    by_key: HashMap<ServiceKey, Arc<VirtualHost>>,
     /// Hosts outside the mesh's naming (ServiceEntry), lower case, without port.
-    by_host: HashMap<String, Arc<Service>>,
+    by_host: HashMap<String, ServiceKey>,
     namespace: String,
     cluster_domain: String,
 }
@@ -80,35 +85,38 @@ impl ServiceTable {
     /// A table over `services`; bare names resolve in `namespace` first. `hosts` are extra
     /// exact host names (ServiceEntry) for some of them.
     pub fn new(
-        services: Vec<Arc<Service>>,
-        hosts: Vec<(String, Arc<Service>)>,
+        services: HashMap<ServiceKey, Arc<VirtualHost>>,
+        hosts: Vec<(String, ServiceKey)>,
         namespace: &str,
         cluster_domain: &str,
     ) -> Self {
         Self {
-            by_key: services.into_iter().map(|s| (s.key.clone(), s)).collect(),
+            by_key: services,
             by_host: hosts
                 .into_iter()
-                .map(|(h, s)| (h.to_ascii_lowercase(), s))
+                .map(|(h, k)| (h.to_ascii_lowercase(), k))
                 .collect(),
             namespace: namespace.to_string(),
             cluster_domain: cluster_domain.to_string(),
         }
     }
 
+    /// The service an external (ServiceEntry) host names.
+    pub fn external(&self, host: &str) -> Option<&ServiceKey> {
+        let bare = strip_port(host).trim_end_matches('.').to_ascii_lowercase();
+        self.by_host.get(&bare)
+    }
+
     /// The service with this exact name and namespace.
-    pub fn get(&self, key: &ServiceKey) -> Option<&Arc<Service>> {
+    pub fn get(&self, key: &ServiceKey) -> Option<&Arc<VirtualHost>> {
         self.by_key.get(key)
     }
 
     /// The service a host names: `svc`, `svc.ns`, `svc.ns.svc.<domain>`, any case, any port.
     /// A bare `svc` means this proxy's namespace, or the only namespace that has it.
-    pub fn resolve(&self, host: &str) -> Result<&Arc<Service>, LookupError> {
-        if !self.by_host.is_empty() {
-            let bare = strip_port(host).trim_end_matches('.').to_ascii_lowercase();
-            if let Some(s) = self.by_host.get(&bare) {
-                return Ok(s);
-            }
+    pub fn resolve(&self, host: &str) -> Result<&Arc<VirtualHost>, LookupError> {
+        if let Some(s) = self.external(host).and_then(|k| self.by_key.get(k)) {
+            return Ok(s);
         }
         let h = HostName::parse(host, &self.cluster_domain)?;
         if let Some(ns) = &h.namespace {
@@ -129,7 +137,7 @@ impl ServiceTable {
     }
 
     /// Every service in the table.
-    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+    pub fn services(&self) -> impl Iterator<Item = &Arc<VirtualHost>> {
         self.by_key.values()
     }
 }

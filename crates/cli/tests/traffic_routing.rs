@@ -1,0 +1,241 @@
+//! Outbound routing from Istio VirtualService and DestinationRule, end to end: subsets by
+//! labels, weighted canary splits, header-based canaries, header edits, rewrite, redirect,
+//! direct response, fault injection and route timeouts, through real proxies registered with
+//! a control plane.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use trellis_testkit::origin::http::HttpOrigin;
+use trellis_testkit::proxy::{Control, TempDir};
+
+async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A proxy joined to `control` in namespace edtech with an inbound port in front of `app`.
+async fn joined(
+    control: &Control,
+    service: &str,
+    app: SocketAddr,
+    labels: &[&str],
+) -> (Trellis, SocketAddr) {
+    let (admin, inbound, outbound) = (free_addr(), free_addr(), free_addr());
+    let yaml = format!(
+        "service: {service}\nnamespace: edtech\nadmin: {admin}\noutbound: {{ listen: {outbound} }}\n\
+         inbound:\n  - listen: {inbound}\n    app: {app}\n"
+    );
+    let token = control.token(service, "edtech", &[]);
+    let grpc = control.grpc.to_string();
+    let mut args = vec!["--control", &grpc, "--token", token.to_str().unwrap()];
+    let labels: Vec<String> = labels.iter().map(|l| format!("--label={l}")).collect();
+    args.extend(labels.iter().map(String::as_str));
+    (proxy(&yaml, admin, &args).await, outbound)
+}
+
+const RULES: &str = "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: user-profile, namespace: edtech }
+spec:
+  host: user-profile
+  subsets:
+  - { name: v1, labels: { version: v1 } }
+  - { name: v2, labels: { version: v2 } }
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: user-profile, namespace: edtech }
+spec:
+  hosts: [user-profile]
+  http:
+  - name: direct
+    match: [{ uri: { exact: /teapot } }]
+    directResponse: { status: 418, body: { string: short and stout } }
+  - name: moved
+    match: [{ uri: { prefix: /old/ } }]
+    redirect: { uri: /new/place, redirectCode: 308 }
+  - name: broken
+    match: [{ uri: { prefix: /broken } }]
+    fault: { abort: { httpStatus: 503, percentage: { value: 100 } } }
+    route: [{ destination: { host: user-profile, subset: v1 } }]
+  - name: slow
+    match: [{ uri: { prefix: /slow/ } }]
+    timeout: 300ms
+    route: [{ destination: { host: user-profile, subset: v1 } }]
+  - name: legacy
+    match: [{ uri: { prefix: /legacy/ } }]
+    rewrite: { uri: /echo/ }
+    route: [{ destination: { host: user-profile, subset: v1 } }]
+  - name: canary-header
+    match: [{ headers: { x-canary: { exact: \"true\" } } }]
+    route: [{ destination: { host: user-profile, subset: v2 } }]
+    headers:
+      request: { set: { x-routed-by: canary-header } }
+      response: { add: { x-route: canary-header } }
+  - name: split
+    route:
+    - { destination: { host: user-profile, subset: v1 }, weight: 75 }
+    - { destination: { host: user-profile, subset: v2 }, weight: 25 }
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtual_services_route_split_rewrite_and_fail_as_configured() {
+    let control = Control::start(BIN, &[]).await;
+    let v1 = HttpOrigin::start_with_name("v1").await.unwrap();
+    let v2 = HttpOrigin::start_with_name("v2").await.unwrap();
+    let _p1 = joined(
+        &control,
+        "user-profile",
+        v1.addr(),
+        &["app=user-profile", "version=v1"],
+    )
+    .await;
+    let _p2 = joined(
+        &control,
+        "user-profile",
+        v2.addr(),
+        &["app=user-profile", "version=v2"],
+    )
+    .await;
+    let front_app = HttpOrigin::start().await.unwrap();
+    let (frontend, out) = joined(&control, "frontend", front_app.addr(), &["app=frontend"]).await;
+
+    let dir = TempDir::new("routing");
+    let file = dir.path().join("rules.yaml");
+    std::fs::write(&file, RULES).unwrap();
+    let (code, o, e) = control.cli(&["apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{o}{e}");
+    eventually(
+        Duration::from_secs(5),
+        "routes and both endpoints reach the frontend",
+        || async {
+            let (_, cfg) = frontend.admin_get("/config").await;
+            let ok = cfg.contains("canary-header") && cfg.matches("\"version\": \"v").count() >= 2;
+            ok.then_some(())
+        },
+    )
+    .await;
+
+    let h2 = H2::connect(out).await;
+    let url = |p: &str| format!("http://user-profile.edtech{p}");
+    let origin = |h: &http::HeaderMap| {
+        h.get("x-origin")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+
+    // Weighted split: 75/25 over 10,000 requests, within 2 points.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let h2 = h2.clone();
+        let u = url("/echo");
+        tasks.push(tokio::spawn(async move {
+            let mut v2 = 0u32;
+            for _ in 0..1250 {
+                let (status, headers, _) = h2.request("GET", &u, b"").await;
+                assert_eq!(status, 200);
+                if headers.get("x-origin").is_some_and(|v| v == "v2") {
+                    v2 += 1;
+                }
+            }
+            v2
+        }));
+    }
+    let mut v2_count = 0;
+    for t in tasks {
+        v2_count += t.await.unwrap();
+    }
+    let share = f64::from(v2_count) / 100.0;
+    assert!(
+        (23.0..=27.0).contains(&share),
+        "v2 got {share}% (want 25 ± 2)"
+    );
+
+    // Header canary: always v2, with the route's header edits both ways.
+    for _ in 0..20 {
+        let req = http::Request::get(url("/echo"))
+            .header("x-canary", "true")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let (status, headers, body) = h2.send(req).await;
+        assert_eq!(status, 200);
+        assert_eq!(origin(&headers), "v2");
+        assert_eq!(headers.get("x-route").unwrap(), "canary-header");
+        let echo: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(echo["headers"]["x-routed-by"], "canary-header");
+    }
+
+    // Direct response, redirect, injected abort.
+    let (status, _, body) = h2.request("GET", &url("/teapot"), b"").await;
+    assert_eq!((status, &body[..]), (418, &b"short and stout"[..]));
+    let (status, headers, _) = h2.request("GET", &url("/old/x"), b"").await;
+    assert_eq!(status, 308);
+    assert_eq!(
+        headers.get("location").unwrap(),
+        "http://user-profile.edtech/new/place"
+    );
+    let (status, headers, _) = h2.request("GET", &url("/broken"), b"").await;
+    assert_eq!(status, 503);
+    assert_eq!(headers.get("x-trellis-error").unwrap(), "fault-injected");
+
+    // Rewrite: /legacy/x reaches the app as /echo/x, on v1.
+    let (status, headers, body) = h2.request("GET", &url("/legacy/x?q=1"), b"").await;
+    assert_eq!(status, 200);
+    assert_eq!(origin(&headers), "v1");
+    let echo: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["path"], "/echo/x?q=1", "the query is kept: {echo}");
+
+    // Route timeout: 504 within 50 ms of 300 ms.
+    let t0 = Instant::now();
+    let (status, headers, _) = h2.request("GET", &url("/slow/2000"), b"").await;
+    let took = t0.elapsed();
+    assert_eq!(status, 504);
+    assert_eq!(headers.get("x-trellis-error").unwrap(), "upstream-timeout");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(350),
+        "{took:?}"
+    );
+
+    // A route setting this proxy does not enforce yet is refused by name (NACK), never
+    // silently ignored; the running routes stay.
+    let file = dir.path().join("retries.yaml");
+    std::fs::write(
+        &file,
+        RULES.replace(
+            "  - name: split\n",
+            "  - name: split\n    retries: { attempts: 3 }\n",
+        ),
+    )
+    .unwrap();
+    let (code, o, e) = control.cli(&["apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{o}{e}");
+    eventually(Duration::from_secs(3), "the frontend NACKs", || async {
+        let (_, out, _) = control.cli(&["status", "-o", "json"]);
+        let st: Value = serde_json::from_str(&out).ok()?;
+        st["proxies"].as_array()?.iter().find(|p| {
+            p["service"] == "frontend"
+                && p["last_nack"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("retries: not enforced"))
+        })?;
+        Some(())
+    })
+    .await;
+    let (status, _, _) = h2.request("GET", &url("/teapot"), b"").await;
+    assert_eq!(status, 418);
+}

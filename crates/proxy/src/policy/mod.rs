@@ -1,0 +1,9 @@
+//! Access policy for inbound traffic: Istio `AuthorizationPolicy`, compiled once per config and
+//! evaluated per request or connection.
+//!
+//! [`path`] puts the request path in the one form policies are matched against (and the
+//! application is given); [`authz`] compiles the policies that apply to this workload and
+//! decides each request. Both are pure: wiring them into the request path is the caller's job.
+
+pub mod authz;
+pub mod path;

@@ -1,0 +1,265 @@
+//! Outbound routing: what a request to a service does, from Istio VirtualService `http`
+//! routes (first match wins) and DestinationRule subsets.
+//!
+//! A [`VirtualHost`] is what a host name resolves to: the service's own cluster (every
+//! endpoint) and, when VirtualServices name the host, its compiled [`Route`]s. A route either
+//! forwards to weighted backends (clusters: a service, or a subset of its endpoints by
+//! labels), redirects, or answers directly; it may rewrite the path and authority, edit
+//! headers, inject faults and bound the whole exchange with a timeout. Everything is compiled
+//! when a config arrives ([`compile`]); a request only evaluates matchers and draws a weight.
+
+pub mod compile;
+pub mod matcher;
+
+use crate::upstream::Service;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use matcher::{HttpMatch, MatchContext};
+use std::sync::Arc;
+use std::time::Duration;
+use trellis_api::names::ServiceKey;
+
+/// A host's routing.
+pub struct VirtualHost {
+    /// The service the host names.
+    pub key: ServiceKey,
+    /// All its endpoints: where requests go without routes, and TCP.
+    pub cluster: Arc<Service>,
+    /// Compiled routes, in order; empty: everything goes to `cluster`.
+    pub routes: Vec<Route>,
+}
+
+/// One compiled HTTP route.
+pub struct Route {
+    /// `name` of the route (for the access log), else `<vs namespace>/<vs name>#<index>`.
+    pub name: Arc<str>,
+    /// Any of these (none: every request).
+    pub matches: Vec<HttpMatch>,
+    /// What to do.
+    pub action: Action,
+    /// Bound on the whole exchange (504 past it).
+    pub timeout: Option<Duration>,
+    /// Header edits on the request and the response.
+    pub headers: HeaderOps,
+    /// Path and authority rewrite.
+    pub rewrite: Option<Rewrite>,
+    /// Injected delay and abort.
+    pub fault: Option<Fault>,
+}
+
+/// What a matched route does.
+pub enum Action {
+    /// Forward to one of these, drawn by weight.
+    Forward(Vec<Backend>),
+    /// Answer with a redirect.
+    Redirect(Redirect),
+    /// Answer with this status and body.
+    Direct {
+        /// Status.
+        status: StatusCode,
+        /// Body.
+        body: bytes::Bytes,
+    },
+}
+
+/// A weighted destination of a route.
+pub struct Backend {
+    /// The cluster (service or subset).
+    pub cluster: Arc<Service>,
+    /// Relative weight (Istio: percent).
+    pub weight: u32,
+    /// Header edits for requests sent here.
+    pub headers: HeaderOps,
+}
+
+/// `rewrite`.
+pub struct Rewrite {
+    /// Replacement for the matched uri prefix (or the whole path).
+    pub uri: Option<String>,
+    /// New authority.
+    pub authority: Option<HeaderValue>,
+}
+
+/// `redirect`.
+pub struct Redirect {
+    /// New path (whole path).
+    pub uri: Option<String>,
+    /// New authority.
+    pub authority: Option<String>,
+    /// New scheme.
+    pub scheme: Option<String>,
+    /// New port.
+    pub port: Option<u16>,
+    /// 301 by default.
+    pub status: StatusCode,
+}
+
+/// `fault`.
+pub struct Fault {
+    /// Delay this long, for this fraction of requests.
+    pub delay: Option<(Duration, f64)>,
+    /// Abort with this status, for this fraction.
+    pub abort: Option<(Abort, f64)>,
+}
+
+/// How a fault aborts.
+#[derive(Clone, Copy)]
+pub enum Abort {
+    /// An HTTP status.
+    Http(StatusCode),
+    /// A gRPC status code (HTTP 200 with `grpc-status`).
+    Grpc(u32),
+}
+
+/// Header edits: set (replace), add (append), remove.
+#[derive(Default)]
+pub struct HeaderOps {
+    /// On the request.
+    pub request: Edits,
+    /// On the response.
+    pub response: Edits,
+}
+
+/// One direction's edits.
+#[derive(Default)]
+pub struct Edits {
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+    remove: Vec<HeaderName>,
+}
+
+impl Edits {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
+    /// Applies the edits: remove, then set, then add (Istio's order).
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+}
+
+/// What routing decided for one request.
+pub enum Decision<'a> {
+    /// Forward to this cluster, as this route (if any).
+    Forward {
+        /// Where.
+        cluster: &'a Arc<Service>,
+        /// The route that matched (`None`: the host has no routes).
+        route: Option<&'a Route>,
+        /// The backend's own header edits.
+        backend_headers: Option<&'a HeaderOps>,
+    },
+    /// Answer without forwarding (redirect, direct response).
+    Answer(&'a Route),
+    /// The host has routes and none matched: 404, as Istio does.
+    NoRoute,
+}
+
+impl VirtualHost {
+    /// A host without routes.
+    pub fn plain(cluster: Arc<Service>) -> Self {
+        Self {
+            key: cluster.key.clone(),
+            cluster,
+            routes: Vec::new(),
+        }
+    }
+
+    /// Routes a request.
+    pub fn decide(&self, head: &http::request::Parts, cx: &MatchContext<'_>) -> Decision<'_> {
+        if self.routes.is_empty() {
+            return Decision::Forward {
+                cluster: &self.cluster,
+                route: None,
+                backend_headers: None,
+            };
+        }
+        let Some(route) = self
+            .routes
+            .iter()
+            .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(head, cx)))
+        else {
+            return Decision::NoRoute;
+        };
+        match &route.action {
+            Action::Forward(backends) => match pick_weighted(backends) {
+                Some(b) => Decision::Forward {
+                    cluster: &b.cluster,
+                    route: Some(route),
+                    backend_headers: Some(&b.headers),
+                },
+                None => Decision::NoRoute,
+            },
+            _ => Decision::Answer(route),
+        }
+    }
+}
+
+/// Draws a backend with probability proportional to its weight.
+fn pick_weighted(backends: &[Backend]) -> Option<&Backend> {
+    match backends {
+        [] => None,
+        [only] => Some(only),
+        _ => {
+            let total: u32 = backends.iter().map(|b| b.weight).sum();
+            if total == 0 {
+                return backends.first();
+            }
+            let mut draw = fastrand::u32(..total);
+            for b in backends {
+                if draw < b.weight {
+                    return Some(b);
+                }
+                draw -= b.weight;
+            }
+            backends.last()
+        }
+    }
+}
+
+impl Route {
+    /// The path after `rewrite.uri`, if the route rewrites it: the matched prefix is replaced
+    /// (for exact and regex matches, and without a match, the whole path).
+    pub fn rewritten_path(
+        &self,
+        path: &str,
+        head: &http::request::Parts,
+        cx: &MatchContext<'_>,
+    ) -> Option<String> {
+        let new = self.rewrite.as_ref()?.uri.as_ref()?;
+        let prefix = self
+            .matches
+            .iter()
+            .find(|m| m.matches(head, cx))
+            .and_then(|m| m.uri_prefix());
+        Some(match prefix {
+            Some(p) if path.starts_with(p) => format!("{new}{}", &path[p.len()..]),
+            _ => new.clone(),
+        })
+    }
+}
+
+impl Fault {
+    /// Whether to delay this request, and how long.
+    pub fn delay(&self) -> Option<Duration> {
+        self.delay
+            .filter(|(_, fraction)| fastrand::f64() < *fraction)
+            .map(|(d, _)| d)
+    }
+
+    /// Whether to abort this request, and how.
+    pub fn abort(&self) -> Option<Abort> {
+        self.abort
+            .filter(|(_, fraction)| fastrand::f64() < *fraction)
+            .map(|(a, _)| a)
+    }
+}
