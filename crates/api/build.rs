@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ],
         ["proto"],
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    tonic_prost_build::configure()
+        .bytes(".trellis.config.v1.Snapshot.services")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -462,7 +462,7 @@ async fn kinds_the_proxy_does_not_apply_are_refused_not_ignored() {
     let ap = dir.path().join("ap.yaml");
     std::fs::write(
         &ap,
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: { name: deny-all }\nspec: {}\n",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: { name: partner }\nspec:\n  hosts: [api.partner.example]\n  resolution: DNS\n",
     )
     .unwrap();
     let file = dir.path().join("p.yaml");
@@ -475,9 +475,7 @@ async fn kinds_the_proxy_does_not_apply_are_refused_not_ignored() {
         trellis_testkit::proxy::run(BIN, &["proxy", "--config", file.to_str().unwrap()]);
     assert_eq!(code, Some(2), "{err}");
     assert!(
-        err.contains(
-            "ap.yaml:1: AuthorizationPolicy/deny-all: kind: the proxy does not apply this kind"
-        ),
+        err.contains("ap.yaml:1: ServiceEntry/partner: kind: the proxy does not apply this kind"),
         "{err}"
     );
 

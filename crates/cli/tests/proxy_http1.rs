@@ -22,6 +22,11 @@ struct Mesh {
 /// One proxy: inbound -> app, outbound proxy and a per-upstream port for `user-profile`
 /// (two endpoints), plus `dead` (refusing endpoint) and `empty` (no endpoints).
 async fn mesh(extra: &[&str]) -> Mesh {
+    mesh_with(extra, "").await
+}
+
+/// [`mesh`] with more bootstrap YAML (`resources: [...]`, say).
+async fn mesh_with(extra: &[&str], more_yaml: &str) -> Mesh {
     let app = HttpOrigin::start_with_name("app").await.unwrap();
     let users = [
         HttpOrigin::start_with_name("users-1").await.unwrap(),
@@ -37,7 +42,7 @@ async fn mesh(extra: &[&str]) -> Mesh {
          upstreams:\n\
          \x20 - service: user-profile\n    listen: {users_port}\n    endpoints: [{u1}, {u2}]\n\
          \x20 - service: dead\n    endpoints: [{dead}]\n\
-         \x20 - service: empty\n",
+         \x20 - service: empty\n{more_yaml}",
         app = app.addr(),
         u1 = users[0].addr(),
         u2 = users[1].addr(),
@@ -103,8 +108,17 @@ async fn outbound_http_proxy_routes_every_spelling_of_a_host() {
 }
 
 #[tokio::test]
-async fn endpoints_are_balanced_round_robin() {
-    let m = mesh(&[]).await;
+async fn endpoints_are_balanced_round_robin_when_a_destination_rule_says_so() {
+    let dir = trellis_testkit::proxy::TempDir::new("round-robin");
+    let rule = dir.path().join("rule.yaml");
+    std::fs::write(
+        &rule,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: { name: user-profile, namespace: edtech }\n\
+         spec:\n  host: user-profile\n  trafficPolicy: { loadBalancer: { simple: ROUND_ROBIN } }\n",
+    )
+    .unwrap();
+    let m = mesh_with(&[], &format!("resources: [{}]\n", rule.display())).await;
     for _ in 0..10 {
         let (status, _, _) = http1_get(m.users_port, "/echo", &[]).await.unwrap();
         assert_eq!(status, 200);

@@ -5,9 +5,11 @@
 //! the per-proxy part is a filter over it, cheap enough to run for every connected proxy.
 
 use crate::registry::Workload;
+use prost::Message as _;
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
 use std::net::ToSocketAddrs;
-use trellis_api::proto::config::{Endpoint, Service, Snapshot};
+use trellis_api::proto::config::{Endpoint, Service, ServiceList, Snapshot};
 use trellis_api::resources::service_entry::{Resolution, ServiceEntry};
 use trellis_api::resources::{Resource, WorkloadSelector};
 
@@ -22,7 +24,10 @@ struct Doc {
 pub struct Compiled {
     /// The store revision it reflects.
     pub revision: u64,
-    services: Vec<Service>,
+    /// Every service, encoded once (a `ServiceList`) and shared by every proxy's snapshot.
+    services: bytes::Bytes,
+    services_hash: u64,
+    counts: (usize, usize),
     docs: Vec<Doc>,
     root_namespace: String,
     /// Stored documents that no longer parse (written by a newer version, or corrupt).
@@ -34,7 +39,9 @@ impl Compiled {
     pub fn empty(root_namespace: &str) -> Self {
         Self {
             revision: 0,
-            services: Vec::new(),
+            services: bytes::Bytes::new(),
+            services_hash: 0,
+            counts: (0, 0),
             docs: Vec::new(),
             root_namespace: root_namespace.to_string(),
             skipped: Vec::new(),
@@ -101,9 +108,21 @@ impl Compiled {
                 });
             }
         }
+        let list = ServiceList {
+            services: services.into_values().collect(),
+        };
+        let counts = (
+            list.services.len(),
+            list.services.iter().map(|s| s.endpoints.len()).sum(),
+        );
+        let encoded = list.encode_to_vec();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        encoded.hash(&mut h);
         Self {
             revision,
-            services: services.into_values().collect(),
+            services: bytes::Bytes::from(encoded),
+            services_hash: h.finish(),
+            counts,
             docs,
             root_namespace: root_namespace.to_string(),
             skipped,
@@ -111,9 +130,10 @@ impl Compiled {
     }
 
     /// The snapshot for `w`: every service, the routing resources, and only the workload
-    /// policies that select it (mesh-wide in the root namespace, namespace-wide, or by labels).
-    pub fn for_proxy(&self, w: &Workload) -> Snapshot {
-        let resources = self
+    /// policies that select it (mesh-wide in the root namespace, namespace-wide, or by labels);
+    /// and a fingerprint of its content (equal fingerprints: nothing to send).
+    pub fn for_proxy(&self, w: &Workload) -> (Snapshot, u64) {
+        let resources: Vec<String> = self
             .docs
             .iter()
             .filter(|d| match &d.policy_scope {
@@ -125,19 +145,20 @@ impl Compiled {
             })
             .map(|d| d.json.clone())
             .collect();
-        Snapshot {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.services_hash.hash(&mut h);
+        resources.hash(&mut h);
+        let snapshot = Snapshot {
             version: self.revision,
             services: self.services.clone(),
             resources,
-        }
+        };
+        (snapshot, h.finish())
     }
 
     /// Number of services and endpoints (for logs).
     pub fn counts(&self) -> (usize, usize) {
-        (
-            self.services.len(),
-            self.services.iter().map(|s| s.endpoints.len()).sum(),
-        )
+        self.counts
     }
 }
 

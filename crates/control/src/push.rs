@@ -10,7 +10,6 @@ use crate::identity::PeerInfo;
 use crate::registry::{registry_key, status_key, Nack, PortInfo, SyncStatus, Workload};
 use crate::state::{now, valid_id, State};
 use crate::store::Store;
-use prost::Message as _;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -255,8 +254,8 @@ struct Session {
     compiled: watch::Receiver<Arc<Compiled>>,
     workload: Workload,
     status: SyncStatus,
-    /// The last snapshot sent, encoded with version 0 (to tell real changes apart).
-    last_sent: Option<Vec<u8>>,
+    /// Fingerprint of the last snapshot sent (to tell real changes apart).
+    last_sent: Option<u64>,
 }
 
 impl Session {
@@ -294,17 +293,14 @@ impl Session {
 
     /// Sends the proxy its snapshot if it changed. `false` when the proxy is gone.
     async fn send(&mut self, compiled: &Compiled, tx: &mpsc::Sender<Snapshot>) -> bool {
-        let mut snapshot = compiled.for_proxy(&self.workload);
-        snapshot.version = 0;
-        let encoded = snapshot.encode_to_vec();
-        if self.last_sent.as_ref() == Some(&encoded) {
+        let (snapshot, fingerprint) = compiled.for_proxy(&self.workload);
+        if self.last_sent == Some(fingerprint) {
             return true;
         }
-        snapshot.version = compiled.revision;
         if tx.send(snapshot).await.is_err() {
             return false;
         }
-        self.last_sent = Some(encoded);
+        self.last_sent = Some(fingerprint);
         self.status.sent = compiled.revision;
         self.save_status().await;
         true

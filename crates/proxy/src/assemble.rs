@@ -6,6 +6,8 @@
 use crate::config::{Bootstrap, MtlsMode, Protocol};
 use crate::http::forward::{Destination, Forwarder, Shared};
 use crate::listener::Listener;
+use crate::policy::authz::Authz;
+use crate::policy::inbound::Inbound;
 use crate::pushed::Pushed;
 use crate::route::compile::ClusterSpec;
 use crate::route::VirtualHost;
@@ -20,6 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use trellis_api::names::ServiceKey;
 use trellis_api::resources::Loaded;
+use trellis_api::resources::Resource;
 use trellis_identity::{IdentityStore, SpiffeId};
 
 /// What a config builds: the upstream services and every listener (same addresses, in the
@@ -51,7 +54,20 @@ pub fn assemble(
     let local_identity: Option<Arc<str>> = identity
         .and_then(|s| s.info())
         .map(|i| Arc::from(i.identity.to_string()));
-    // Inbound: every public port forwards to its local app, as this workload's service.
+    // Inbound: every public port forwards to its local app, as this workload's service,
+    // under the workload's authorization policies.
+    let authz = Authz::compile(
+        boot.loaded
+            .iter()
+            .chain(pushed_resources)
+            .filter_map(|l| match &l.resource {
+                Resource::AuthorizationPolicy(p) => Some(p),
+                _ => None,
+            }),
+        &boot.namespace,
+        &boot.labels,
+        &boot.root_namespace,
+    );
     let inbound_stats = metrics.http_stats("inbound", my_peer.clone());
     for (i, inb) in boot.inbound.iter().enumerate() {
         let field = format!("inbound[{i}].listen");
@@ -67,7 +83,10 @@ pub fn assemble(
             protocol: inb.protocol,
             forwarder: Arc::new(Forwarder {
                 destination: Destination::Fixed(app.clone()),
-                inbound_identity: Some(local_identity.clone()),
+                inbound: Some(Inbound {
+                    identity: local_identity.clone(),
+                    authz: authz.clone(),
+                }),
                 shared: shared.clone(),
             }),
             tcp_target: Some(Destination::Fixed(app)),
@@ -159,14 +178,16 @@ pub fn assemble(
     let make = |key: &ServiceKey,
                 subset: Option<&str>,
                 endpoints: Vec<Arc<EndpointConns>>,
-                timeout: Option<std::time::Duration>| {
+                timeout: Option<std::time::Duration>,
+                balancing: crate::upstream::Balancing| {
         let peer = Peer::new(&key.name, &key.namespace);
         let mut s = Service::new(
             key.clone(),
             endpoints,
             timeout,
             metrics.http_stats("outbound", peer),
-        );
+        )
+        .with_balancing(balancing);
         s.subset = subset.map(Arc::from);
         Arc::new(s)
     };
@@ -188,7 +209,7 @@ pub fn assemble(
             protocol: u.protocol,
             forwarder: Arc::new(Forwarder {
                 destination: Destination::Upstream(key.clone()),
-                inbound_identity: None,
+                inbound: None,
                 shared: shared.clone(),
             }),
             tcp_target: Some(Destination::Upstream(key.clone())),
@@ -205,7 +226,7 @@ pub fn assemble(
             protocol: Protocol::Auto,
             forwarder: Arc::new(Forwarder {
                 destination: Destination::ByHost,
-                inbound_identity: None,
+                inbound: None,
                 shared: shared.clone(),
             }),
             tcp_target: None,

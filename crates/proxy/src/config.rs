@@ -120,7 +120,7 @@ pub struct Bootstrap {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness_path: Option<String>,
     /// Files or directories of Istio resources applied locally (PeerAuthentication,
-    /// VirtualService, DestinationRule so far).
+    /// AuthorizationPolicy, VirtualService, DestinationRule so far).
     /// Relative paths are relative to the bootstrap file.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resources: Vec<PathBuf>,
@@ -305,6 +305,7 @@ impl Bootstrap {
                 use trellis_api::resources::Resource;
                 match &loaded.resource {
                     Resource::PeerAuthentication(_)
+                    | Resource::AuthorizationPolicy(_)
                     | Resource::VirtualService(_)
                     | Resource::DestinationRule(_) => boot.loaded.push(loaded),
                     other => errors.push(trellis_api::resources::ResourceError {
@@ -314,7 +315,7 @@ impl Bootstrap {
                             format!("{kind}/{}", meta.name)
                         },
                         field: "kind".into(),
-                        message: "the proxy does not apply this kind in static mode yet (PeerAuthentication, VirtualService and DestinationRule only)".into(),
+                        message: "the proxy does not apply this kind in static mode yet (PeerAuthentication, AuthorizationPolicy, VirtualService and DestinationRule only)".into(),
                     }),
                 }
             }

@@ -106,6 +106,7 @@ fn fixed(protocol: Protocol) -> Option<Detected> {
 }
 
 async fn handle(stream: TcpStream, addr: SocketAddr, l: Arc<Listener>, ctx: Arc<Context>) {
+    let local = stream.local_addr().ok();
     let _ = stream.set_nodelay(true);
     let metrics = ctx.metrics.tcp_open(l.direction, &l.peer_label);
     let mut io = MeteredIo::new(stream, metrics);
@@ -114,6 +115,7 @@ async fn handle(stream: TcpStream, addr: SocketAddr, l: Arc<Listener>, ctx: Arc<
         source: l.source.clone(),
         tls: false,
         identity: None,
+        local,
     };
 
     // Without mTLS a fixed protocol skips detection; with it, we must look for a ClientHello.
@@ -163,6 +165,7 @@ async fn handle(stream: TcpStream, addr: SocketAddr, l: Arc<Listener>, ctx: Arc<
         source: accepted.peer.as_ref().map_or_else(Peer::unknown, peer_of),
         tls: true,
         identity: accepted.peer.clone(),
+        local,
     };
     let mut io = accepted.io;
     let (detected, prefix) = match (accepted.alpn, fixed(l.protocol)) {
@@ -196,6 +199,11 @@ where
             .await;
         }
         Detected::Tls | Detected::Opaque => match &l.tcp_target {
+            _ if l
+                .forwarder
+                .inbound
+                .as_ref()
+                .is_some_and(|i| !i.check_connection(&client, &ctx.metrics)) => {}
             Some(target) => match target.host(&l.forwarder.shared.services.load()) {
                 Ok(host) => crate::tcp::forward(io, &host.cluster).await,
                 Err(e) => {

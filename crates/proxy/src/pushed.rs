@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use trellis_api::names::ServiceKey;
-use trellis_api::proto::config::Snapshot;
+use trellis_api::proto::config::{ServiceList, Snapshot};
 use trellis_api::resources::Loaded;
 use trellis_identity::SpiffeId;
 
@@ -51,8 +51,11 @@ pub struct Pushed {
 impl Pushed {
     /// Checks and parses a snapshot; the error is the NACK reason.
     pub fn from_snapshot(s: Snapshot) -> Result<Self, String> {
-        let mut services = Vec::with_capacity(s.services.len());
-        for svc in &s.services {
+        use prost::Message as _;
+        let list = ServiceList::decode(s.services.clone())
+            .map_err(|e| format!("the service list does not decode: {e}"))?;
+        let mut services = Vec::with_capacity(list.services.len());
+        for svc in &list.services {
             let what = format!("service {}.{}", svc.name, svc.namespace);
             let mut endpoints = Vec::with_capacity(svc.endpoints.len());
             for e in &svc.endpoints {

@@ -10,10 +10,14 @@ pub async fn forward<I>(mut client: I, service: &Service)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(endpoint) = service.pick() else {
+    // No request to hash: consistent-hash policies pick at random here.
+    let Some(endpoint) = service.pick(None) else {
         tracing::info!(service = %service.key, "TCP connection closed: service has no endpoints");
         return;
     };
+    // The connection counts as in flight on the endpoint while it lasts (so P2C and least
+    // request see it as load), but its lifetime is no latency sample.
+    let _in_flight = endpoint.stats().start_untimed();
     let mut upstream = match endpoint.connect(crate::tls::UpstreamUse::Opaque).await {
         Ok(s) => s,
         Err(e) => {

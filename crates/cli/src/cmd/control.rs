@@ -78,8 +78,8 @@ pub fn run(args: ControlArgs) -> anyhow::Result<()> {
         config_dir: args.config_dir,
         root_namespace: args.root_namespace,
     };
+    // One worker per CPU: pushing to many proxies is parallel work.
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
         .enable_all()
         .build()?
         .block_on(trellis_control::run(opts))

@@ -131,7 +131,11 @@ impl Embedded {
     pub(super) fn commit(&self, ops: Vec<Op>) -> Result<u64, StoreError> {
         let mut inner = self.lock();
         let revision = inner.revision + 1;
-        let before = (inner.durable.clone(), inner.ephemeral.clone());
+        let durable = ops.iter().any(|op| match op {
+            Op::Put(k, _) | Op::Delete(k) => !Self::is_ephemeral(k),
+        });
+        // Only a commit that writes the file can fail half-way; keep what to go back to.
+        let before = durable.then(|| inner.durable.clone());
         let mut keys = Vec::new();
         for op in &ops {
             match op {
@@ -163,12 +167,11 @@ impl Embedded {
             return Ok(inner.revision);
         }
         inner.revision = revision;
-        if ops.iter().any(|op| match op {
-            Op::Put(k, _) | Op::Delete(k) => !Self::is_ephemeral(k),
-        }) {
+        if let Some(before) = before {
             if let Err(e) = self.save(&inner) {
                 // Nothing is half-applied: memory goes back to what the file still holds.
-                (inner.durable, inner.ephemeral) = before;
+                // (Ephemeral keys are never in a durable commit's ops with durable ones.)
+                inner.durable = before;
                 inner.revision = revision - 1;
                 return Err(e);
             }

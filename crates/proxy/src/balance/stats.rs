@@ -63,7 +63,18 @@ impl EndpointStats {
         InFlight {
             stats: Some(self.inner.clone()),
             started: Instant::now(),
+            timed: true,
         }
+    }
+
+    /// Counts something as in flight until the returned guard is finished or dropped, and
+    /// never records a latency for it: an opaque TCP connection or a `CONNECT` tunnel, whose
+    /// lifetime says nothing about how fast the endpoint answers. It still weighs in the
+    /// load-aware policies' in-flight counts.
+    pub fn start_untimed(&self) -> InFlight {
+        let mut guard = self.start();
+        guard.timed = false;
+        guard
     }
 
     /// Requests started and not yet finished.
@@ -139,6 +150,8 @@ impl Inner {
 pub struct InFlight {
     stats: Option<Arc<Inner>>,
     started: Instant,
+    /// Whether ending it records a latency sample ([`EndpointStats::start_untimed`]: no).
+    timed: bool,
 }
 
 impl InFlight {
@@ -155,7 +168,9 @@ impl InFlight {
     fn end(&mut self, latency: Duration, now: Instant) {
         if let Some(stats) = self.stats.take() {
             stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-            stats.record_at(latency, now);
+            if self.timed {
+                stats.record_at(latency, now);
+            }
         }
     }
 }
@@ -188,6 +203,18 @@ mod tests {
         drop(b);
         assert_eq!(s.in_flight(), 0);
         assert!(s.latency().is_some(), "a dropped guard records too");
+    }
+
+    #[test]
+    fn untimed_guards_count_but_never_record() {
+        let s = EndpointStats::new();
+        let a = s.start_untimed();
+        let b = s.start_untimed();
+        assert_eq!(s.in_flight(), 2);
+        a.finish(MS);
+        drop(b);
+        assert_eq!(s.in_flight(), 0);
+        assert_eq!(s.latency(), None);
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub struct ClientConn {
     pub tls: bool,
     /// The peer's verified identity (mTLS).
     pub identity: Option<trellis_identity::SpiffeId>,
+    /// The local address the client connected to.
+    pub local: Option<SocketAddr>,
 }
 
 /// Proxy-wide parts the forwarder uses.
@@ -83,9 +85,9 @@ pub struct Shared {
 pub struct Forwarder {
     /// Where requests go.
     pub destination: Destination,
-    /// For inbound listeners: this workload's identity (`By=` of `x-forwarded-client-cert`),
-    /// `Some(None)` when it has none. `None` for outbound listeners.
-    pub inbound_identity: Option<Option<Arc<str>>>,
+    /// For inbound listeners: the workload's identity and authorization policies. `None` for
+    /// outbound listeners.
+    pub inbound: Option<crate::policy::inbound::Inbound>,
     /// Proxy-wide parts.
     pub shared: Arc<Shared>,
 }
@@ -111,9 +113,14 @@ impl Forwarder {
     pub async fn serve(
         self: Arc<Self>,
         client: Arc<ClientConn>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let start = Instant::now();
+        if let Some(inbound) = &self.inbound {
+            if let Err(denied) = inbound.check_request(&mut req, &client, &self.shared.metrics) {
+                return Ok(denied);
+            }
+        }
         let vhost = match &self.destination {
             Destination::Fixed(s) => s.clone(),
             Destination::Upstream(_) => match self.destination.host(&self.shared.services.load()) {
@@ -284,17 +291,20 @@ impl Forwarder {
         start: Instant,
     ) -> Response<ResponseBody> {
         let request_id = headers::ensure_request_id(req.headers_mut());
-        if let Some(local) = &self.inbound_identity {
+        if let Some(inbound) = &self.inbound {
             headers::set_forwarded_client_cert(
                 req.headers_mut(),
-                local.as_deref(),
+                inbound.identity.as_deref(),
                 client.identity.as_ref(),
             );
         }
         let upgrade = req.version() < Version::HTTP_2 && headers::is_upgrade(req.headers());
         let downstream_version = req.version();
         let authority = authority_of(&req).map(str::to_string);
-        let endpoint = service.pick().cloned();
+        let crate::upstream::Picked {
+            endpoint,
+            set_cookie,
+        } = service.pick_for(&req, client.addr.ip());
 
         let mut exchange = Box::new(Exchange {
             stats: service.stats.clone(),
@@ -368,6 +378,9 @@ impl Forwarder {
         exchange.bytes_in = bytes_in.clone();
         let req = req.map(|b| RequestBody::new(b, bytes_in));
 
+        // Time to the response head feeds the balancer; an exchange that fails or times out
+        // drops the guard, which records the time it took.
+        let in_flight = endpoint.stats().start();
         let sent = send(&endpoint, req, h2);
         let result = match route_timeout.or(service.timeout) {
             Some(t) => match tokio::time::timeout(t, sent).await {
@@ -390,6 +403,8 @@ impl Forwarder {
             Ok(r) => r,
             Err(e) => return upstream_error(service, e, Some(exchange)),
         };
+        let latency = in_flight.started().elapsed();
+        in_flight.finish(latency);
 
         let status = resp.status();
         exchange.status = status.as_u16();
@@ -416,6 +431,9 @@ impl Forwarder {
         if status != StatusCode::SWITCHING_PROTOCOLS {
             *resp.version_mut() = downstream_version;
         }
+        if let Some(cookie) = set_cookie {
+            resp.headers_mut().append(header::SET_COOKIE, cookie);
+        }
         resp.map(|b| ResponseBody::upstream(b, Some(exchange), pooled))
     }
 
@@ -425,7 +443,9 @@ impl Forwarder {
         service: Arc<Service>,
         mut req: Request<Incoming>,
     ) -> Response<ResponseBody> {
-        let Some(endpoint) = service.pick().cloned() else {
+        // Hashes the CONNECT request's header, cookie or query; not the client's address,
+        // which is not at hand here (source-IP affinity picks at random for tunnels).
+        let Some(endpoint) = service.pick(service.hash_key(&req, None)).cloned() else {
             return respond::error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no-endpoints",
@@ -433,6 +453,8 @@ impl Forwarder {
                 None,
             );
         };
+        // In flight while the tunnel lasts; its lifetime is no latency sample.
+        let in_flight = endpoint.stats().start_untimed();
         let mut upstream = match endpoint.connect(UpstreamUse::Opaque).await {
             Ok(s) => s,
             Err(e) => return upstream_error(&service, SendError::Connect(e), None),
@@ -442,6 +464,7 @@ impl Forwarder {
         let peer = service.peer.service.clone();
         self.shared.tracker.spawn(async move {
             let _conn = metrics.tcp_open("outbound", &peer);
+            let _in_flight = in_flight;
             if let Ok(client) = on_upgrade.await {
                 let _ =
                     tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut upstream).await;

@@ -3,7 +3,11 @@
 //!
 //! [`path`] puts the request path in the one form policies are matched against (and the
 //! application is given); [`authz`] compiles the policies that apply to this workload and
-//! decides each request. Both are pure: wiring them into the request path is the caller's job.
+//! decides each request; [`jwt`] authenticates requests by their JWT (`RequestAuthentication`)
+//! and feeds authorization the validated claims. Wiring them into the request path is the
+//! caller's job.
 
 pub mod authz;
+pub mod inbound;
+pub mod jwt;
 pub mod path;

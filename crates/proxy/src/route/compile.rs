@@ -5,13 +5,16 @@
 //! VirtualService's own namespace. When several VirtualServices name the same host, the first
 //! one given wins (`trellis analyze` reports the conflict). Subsets come from the
 //! DestinationRule for the destination host: the endpoints whose labels include the subset's.
+//! Every cluster is balanced by the `trafficPolicy.loadBalancer` of the DestinationRule for
+//! its host, a subset's own overriding it; without one, by peak-EWMA P2C.
 
 use super::matcher::HttpMatch;
 use super::{
     Abort, Action, Backend, Edits, Fault, HeaderOps, Redirect, Rewrite, Route, VirtualHost,
 };
+use crate::balance::{policy_from, HashOn};
 use crate::upstream::pool::EndpointConns;
-use crate::upstream::Service;
+use crate::upstream::{Balancing, Service};
 use http::{HeaderName, HeaderValue, StatusCode};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -19,6 +22,7 @@ use std::time::Duration;
 use trellis_api::names::ServiceKey;
 use trellis_api::resources::destination_rule::DestinationRule;
 use trellis_api::resources::http_policy::{self, HeaderOperations, Headers};
+use trellis_api::resources::traffic_policy::TrafficPolicy;
 use trellis_api::resources::virtual_service::{HttpRoute, VirtualService};
 use trellis_api::resources::{Loaded, Resource};
 
@@ -30,8 +34,15 @@ pub struct ClusterSpec {
     pub timeout: Option<Duration>,
 }
 
-/// Builds a cluster (a service, or a subset of it).
-pub type MakeCluster<'a> = dyn Fn(&ServiceKey, Option<&str>, Vec<Arc<EndpointConns>>, Option<Duration>) -> Arc<Service>
+/// Builds a cluster (a service, or a subset of it) over these endpoints, with this response
+/// timeout, balanced as given.
+pub type MakeCluster<'a> = dyn Fn(
+        &ServiceKey,
+        Option<&str>,
+        Vec<Arc<EndpointConns>>,
+        Option<Duration>,
+        Balancing,
+    ) -> Arc<Service>
     + 'a;
 
 /// The cluster of a destination `host` (and `subset`), as seen from the VirtualService.
@@ -45,18 +56,38 @@ pub fn compile(
     resolve: &dyn Fn(&str, &str) -> Option<ServiceKey>,
     make: &MakeCluster<'_>,
 ) -> Result<HashMap<ServiceKey, Arc<VirtualHost>>, String> {
-    let base: HashMap<&ServiceKey, Arc<Service>> = clusters
-        .iter()
-        .map(|(k, c)| {
-            let eps = c.endpoints.iter().map(|(e, _)| e.clone()).collect();
-            (k, make(k, None, eps, c.timeout))
-        })
-        .collect();
     let rules: Vec<&DestinationRule> = resources
         .iter()
         .filter_map(|l| match &l.resource {
             Resource::DestinationRule(r) => Some(r),
             _ => None,
+        })
+        .collect();
+    // Checked for every rule, whether or not its host is a service known here.
+    for r in &rules {
+        not_enforced_rule(r)?;
+    }
+    let balancing = rules
+        .iter()
+        .map(|r| rule_balancing(r))
+        .collect::<Result<Vec<_>, String>>()?;
+    let rules_for = |key: &ServiceKey| {
+        let key = key.clone();
+        rules.iter().zip(&balancing).filter(move |(r, _)| {
+            resolve(&r.spec.host, r.metadata.namespace()).as_ref() == Some(&key)
+        })
+    };
+    // Service level: the first rule for the service that sets a load balancer.
+    let service_balancing = |key: &ServiceKey| -> Balancing {
+        rules_for(key)
+            .find_map(|(_, b)| b.service.clone())
+            .unwrap_or_default()
+    };
+    let base: HashMap<&ServiceKey, Arc<Service>> = clusters
+        .iter()
+        .map(|(k, c)| {
+            let eps = c.endpoints.iter().map(|(e, _)| e.clone()).collect();
+            (k, make(k, None, eps, c.timeout, service_balancing(k)))
         })
         .collect();
     // One cluster per subset, shared by every route that names it.
@@ -66,12 +97,14 @@ pub fn compile(
         if let Some(s) = subsets.borrow().get(&(key.clone(), name.to_string())) {
             return s.clone();
         }
-        let labels = rules
-            .iter()
-            .filter(|r| resolve(&r.spec.host, r.metadata.namespace()).as_ref() == Some(key))
-            .flat_map(|r| r.spec.subsets.iter())
-            .find(|s| s.name == name)
-            .map(|s| s.labels.clone());
+        let found = rules_for(key)
+            .flat_map(|(r, b)| r.spec.subsets.iter().zip(&b.subsets))
+            .find(|(s, _)| s.name == name);
+        let labels = found.map(|(s, _)| s.labels.clone());
+        // The subset's own load balancer, else the service's.
+        let lb = found
+            .and_then(|(_, b)| b.clone())
+            .unwrap_or_else(|| service_balancing(key));
         let spec = clusters.get(key);
         // An unknown subset gets no endpoints: requests to it fail with 503, as in Istio.
         let endpoints = match (spec, &labels) {
@@ -83,16 +116,13 @@ pub fn compile(
                 .collect(),
             _ => Vec::new(),
         };
-        let cluster = make(key, Some(name), endpoints, spec.and_then(|s| s.timeout));
+        let cluster = make(key, Some(name), endpoints, spec.and_then(|s| s.timeout), lb);
         subsets
             .borrow_mut()
             .insert((key.clone(), name.to_string()), cluster.clone());
         cluster
     };
 
-    for r in &rules {
-        not_enforced_rule(r)?;
-    }
     let mut hosts: HashMap<ServiceKey, Arc<VirtualHost>> = HashMap::new();
     for l in resources {
         let Resource::VirtualService(vs) = &l.resource else {
@@ -150,15 +180,21 @@ pub fn compile(
     Ok(hosts)
 }
 
-/// Refuses the DestinationRule settings this proxy does not enforce yet: never silently
-/// ignored (the traffic issue adds them).
-fn not_enforced_rule(r: &DestinationRule) -> Result<(), String> {
-    let at = format!(
+/// `DestinationRule <namespace>/<name>`, for errors.
+fn rule_at(r: &DestinationRule) -> String {
+    format!(
         "DestinationRule {}/{}",
         r.metadata.namespace(),
         r.metadata.name
-    );
-    let policies = std::iter::once((
+    )
+}
+
+/// The rule's traffic policies with their paths: the service's, then each subset's (in
+/// order, `None` where a subset has none).
+fn traffic_policies(
+    r: &DestinationRule,
+) -> impl Iterator<Item = (String, Option<&TrafficPolicy>)> + '_ {
+    std::iter::once((
         "spec.trafficPolicy".to_string(),
         r.spec.traffic_policy.as_deref(),
     ))
@@ -167,11 +203,67 @@ fn not_enforced_rule(r: &DestinationRule) -> Result<(), String> {
             format!("spec.subsets[{i}].trafficPolicy"),
             s.traffic_policy.as_ref(),
         )
-    }));
-    for (path, tp) in policies {
+    }))
+}
+
+/// The load balancers a DestinationRule sets.
+struct RuleBalancing {
+    /// `spec.trafficPolicy.loadBalancer`.
+    service: Option<Balancing>,
+    /// `spec.subsets[i].trafficPolicy.loadBalancer`, for every subset in order.
+    subsets: Vec<Option<Balancing>>,
+}
+
+/// The rule's load balancers, checked: errors name the rule and the field.
+fn rule_balancing(r: &DestinationRule) -> Result<RuleBalancing, String> {
+    let at = rule_at(r);
+    let mut all = traffic_policies(r).map(|(path, tp)| {
+        let Some(lb) = tp.and_then(|tp| tp.load_balancer.as_ref()) else {
+            return Ok(None);
+        };
+        let path = format!("{at}: {path}.loadBalancer");
+        for (field, set) in [
+            ("localityLbSetting", lb.locality_lb_setting.is_some()),
+            ("warmupDurationSecs", lb.warmup_duration_secs.is_some()),
+        ] {
+            if set {
+                return Err(format!("{path}.{field}: not enforced by this proxy yet"));
+            }
+        }
+        let (policy, hash_on) = policy_from(lb).map_err(|e| format!("{path}.{e}"))?;
+        check_cookie(&hash_on).map_err(|e| format!("{path}.consistentHash.httpCookie.{e}"))?;
+        Ok(Some(Balancing { policy, hash_on }))
+    });
+    let service = all.next().transpose()?.flatten();
+    let subsets = all.collect::<Result<Vec<_>, String>>()?;
+    Ok(RuleBalancing { service, subsets })
+}
+
+/// A cookie policy's cookie must be one a client can send back (`name` an RFC 6265 token)
+/// and, when the proxy generates it, one it can set (`path` without `;` or controls).
+fn check_cookie(on: &HashOn) -> Result<(), String> {
+    let HashOn::Cookie { name, path, .. } = on else {
+        return Ok(());
+    };
+    let token = |b: u8| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b);
+    if name.is_empty() || !name.bytes().all(token) {
+        return Err(format!("name {name:?} is not a valid cookie name"));
+    }
+    if let Some(p) = path {
+        if !p.bytes().all(|b| (b' '..0x7f).contains(&b) && b != b';') {
+            return Err(format!("path {p:?} is not a valid cookie path"));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses the DestinationRule settings this proxy does not enforce yet: never silently
+/// ignored (the traffic issue adds them).
+fn not_enforced_rule(r: &DestinationRule) -> Result<(), String> {
+    let at = rule_at(r);
+    for (path, tp) in traffic_policies(r) {
         let Some(tp) = tp else { continue };
         for (field, set) in [
-            ("loadBalancer", tp.load_balancer.is_some()),
             ("connectionPool", tp.connection_pool.is_some()),
             ("outlierDetection", tp.outlier_detection.is_some()),
             ("tls", tp.tls.is_some()),
@@ -396,4 +488,201 @@ fn header_ops(h: Option<&Headers>) -> Result<HeaderOps, String> {
         request: edits(h.and_then(|h| h.request.as_ref()))?,
         response: edits(h.and_then(|h| h.response.as_ref()))?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::Policy;
+    use crate::telemetry::metrics::Peer;
+    use crate::telemetry::Metrics;
+    use crate::upstream::pool::{Pool, PoolConfig};
+    use std::cell::RefCell;
+    use trellis_api::names::HostName;
+
+    const VS: &str = "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: users, namespace: edtech }
+spec:
+  hosts: [users]
+  http:
+  - match: [{ uri: { prefix: /v1 } }]
+    route: [{ destination: { host: users, subset: v1 } }]
+  - match: [{ uri: { prefix: /v2 } }]
+    route: [{ destination: { host: users, subset: v2 } }]
+  - route: [{ destination: { host: users } }]
+";
+
+    /// The balancing each cluster was made with, by subset (`None`: the service).
+    type Made = Vec<(Option<String>, Balancing)>;
+
+    /// Compiles `yaml` (plus [`VS`]) over `users.edtech` with a v1 and a v2 endpoint.
+    fn compile_with(yaml: &str) -> Result<Made, String> {
+        let text = format!("{VS}---\n{yaml}");
+        let (resources, errors) = trellis_api::resources::parse("rules.yaml".as_ref(), &text);
+        assert!(errors.is_empty(), "{errors:?}");
+        let pool = Pool::new(PoolConfig {
+            metrics: Arc::default(),
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+        });
+        let users = ServiceKey::new("users", "edtech");
+        let endpoints = ["v1", "v2"]
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let addr = ([10, 0, 0, i as u8 + 1], 8080).into();
+                let labels = BTreeMap::from([("version".to_string(), v.to_string())]);
+                (pool.endpoint(addr, None), labels)
+            })
+            .collect();
+        let clusters = BTreeMap::from([(
+            users.clone(),
+            ClusterSpec {
+                endpoints,
+                timeout: None,
+            },
+        )]);
+        let resolve = |host: &str, ns: &str| {
+            let h = HostName::parse(host, "cluster.local").ok()?;
+            let key = ServiceKey::new(&h.name, h.namespace.as_deref().unwrap_or(ns));
+            (key == users).then_some(key)
+        };
+        let metrics = Metrics::default();
+        let made = RefCell::new(Made::new());
+        let make = |key: &ServiceKey,
+                    subset: Option<&str>,
+                    endpoints: Vec<Arc<EndpointConns>>,
+                    timeout: Option<Duration>,
+                    balancing: Balancing| {
+            made.borrow_mut()
+                .push((subset.map(str::to_string), balancing.clone()));
+            let stats = metrics.http_stats("outbound", Peer::new(&key.name, &key.namespace));
+            Arc::new(Service::new(key.clone(), endpoints, timeout, stats).with_balancing(balancing))
+        };
+        compile(&clusters, &resources, &resolve, &make)?;
+        let mut made = made.into_inner();
+        made.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(made)
+    }
+
+    fn rule(traffic_policy: &str, v1_policy: &str) -> String {
+        let v1_policy = if v1_policy.is_empty() {
+            String::new()
+        } else {
+            format!(", {v1_policy}")
+        };
+        format!(
+            "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: users, namespace: edtech }}
+spec:
+  host: users
+  {traffic_policy}
+  subsets:
+  - {{ name: v1, labels: {{ version: v1 }}{v1_policy} }}
+  - {{ name: v2, labels: {{ version: v2 }} }}
+"
+        )
+    }
+
+    fn policies(made: &Made) -> Vec<(Option<&str>, Policy)> {
+        made.iter().map(|(s, b)| (s.as_deref(), b.policy)).collect()
+    }
+
+    #[test]
+    fn without_a_load_balancer_every_cluster_is_p2c() {
+        let made = compile_with(&rule("", "")).unwrap();
+        assert_eq!(
+            policies(&made),
+            [
+                (None, Policy::P2cPeakEwma),
+                (Some("v1"), Policy::P2cPeakEwma),
+                (Some("v2"), Policy::P2cPeakEwma),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_subset_load_balancer_overrides_the_services() {
+        let made = compile_with(&rule(
+            "trafficPolicy: { loadBalancer: { simple: ROUND_ROBIN } }",
+            "trafficPolicy: { loadBalancer: { consistentHash: { httpHeaderName: X-User, maglev: {} } } }",
+        ))
+        .unwrap();
+        assert_eq!(
+            policies(&made),
+            [
+                (None, Policy::RoundRobin),
+                (Some("v1"), Policy::MAGLEV),
+                (Some("v2"), Policy::RoundRobin),
+            ]
+        );
+        assert_eq!(
+            made[1].1.hash_on,
+            HashOn::Header(HeaderName::from_static("x-user"))
+        );
+    }
+
+    #[test]
+    fn a_rule_for_another_host_does_not_apply() {
+        let other = rule("trafficPolicy: { loadBalancer: { simple: RANDOM } }", "")
+            .replace("host: users", "host: grades");
+        let made = compile_with(&format!("{other}---\n{}", rule("", ""))).unwrap();
+        assert!(
+            policies(&made)
+                .iter()
+                .all(|(_, p)| *p == Policy::P2cPeakEwma),
+            "{made:?}"
+        );
+    }
+
+    #[test]
+    fn bad_load_balancers_are_refused_by_rule_and_field() {
+        let at = "DestinationRule edtech/users: ";
+        for (tp, v1, want) in [
+            (
+                "",
+                "trafficPolicy: { loadBalancer: { consistentHash: { httpHeaderName: \"bad name\" } } }",
+                "spec.subsets[0].trafficPolicy.loadBalancer.consistentHash.httpHeaderName \"bad name\" is not a valid header name",
+            ),
+            (
+                "trafficPolicy: { loadBalancer: { consistentHash: { httpCookie: { name: \"a;b\", ttl: 10s } } } }",
+                "",
+                "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.name \"a;b\" is not a valid cookie name",
+            ),
+            (
+                "trafficPolicy: { loadBalancer: { consistentHash: { httpCookie: { name: s, path: \"/a;b\", ttl: 10s } } } }",
+                "",
+                "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.path \"/a;b\" is not a valid cookie path",
+            ),
+            (
+                "trafficPolicy: { loadBalancer: { simple: RANDOM, localityLbSetting: { enabled: true } } }",
+                "",
+                "spec.trafficPolicy.loadBalancer.localityLbSetting: not enforced by this proxy yet",
+            ),
+            (
+                "trafficPolicy: { loadBalancer: { warmupDurationSecs: 30s } }",
+                "",
+                "spec.trafficPolicy.loadBalancer.warmupDurationSecs: not enforced by this proxy yet",
+            ),
+            (
+                "trafficPolicy: { loadBalancer: { simple: RANDOM }, connectionPool: { tcp: { maxConnections: 1 } } }",
+                "",
+                "spec.trafficPolicy.connectionPool: not enforced by this proxy yet",
+            ),
+        ] {
+            let err = compile_with(&rule(tp, v1)).unwrap_err();
+            assert_eq!(err, format!("{at}{want}"));
+        }
+        // Refused even when no service here is the rule's host.
+        let other = rule(
+            "trafficPolicy: { loadBalancer: { consistentHash: { httpHeaderName: \"bad name\" } } }",
+            "",
+        )
+        .replace("host: users", "host: elsewhere");
+        assert!(compile_with(&other).is_err());
+    }
 }

@@ -99,6 +99,13 @@ struct Families {
     tcp_total: Family<TcpLabels, Counter>,
     tcp_bytes: Family<TcpLabels, Counter>,
     tls_failures: Family<ReasonLabels, Counter>,
+    authz: Family<AuthzLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthzLabels {
+    action: &'static str,
+    policy: Arc<str>,
 }
 
 /// The proxy's metrics registry and the families the request path writes to.
@@ -124,6 +131,7 @@ impl Metrics {
             tcp_total: Family::default(),
             tcp_bytes: Family::default(),
             tls_failures: Family::default(),
+            authz: Family::default(),
         });
         let mut registry = Registry::default();
         registry.register(
@@ -155,6 +163,11 @@ impl Metrics {
             "trellis_tls_handshake_failures",
             "mTLS handshakes that failed, and plaintext refused under STRICT, by reason",
             families.tls_failures.clone(),
+        );
+        registry.register(
+            "trellis_authz_decisions",
+            "Authorization decisions of the inbound side, by action and deciding policy",
+            families.authz.clone(),
         );
         registry.register_collector(Box::new(super::process::ProcessCollector::new()));
         let config_version = prometheus_client::metrics::gauge::Gauge::default();
@@ -190,6 +203,18 @@ impl Metrics {
         self.families
             .tls_failures
             .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts an authorization decision (`allow`, `deny`, `audit`) of `policy` (empty: the
+    /// default decision, no policy matched).
+    pub fn authz_decision(&self, action: &'static str, policy: &str) {
+        self.families
+            .authz
+            .get_or_create(&AuthzLabels {
+                action,
+                policy: Arc::from(policy),
+            })
             .inc();
     }
 

@@ -2,14 +2,32 @@
 
 pub mod pool;
 
+use crate::balance::{hash_key, Balancer, HashOn, Policy};
 use crate::route::VirtualHost;
 use crate::telemetry::metrics::{HttpStats, Peer};
+use http::HeaderValue;
 use pool::EndpointConns;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use trellis_api::names::{HostName, ServiceKey};
+
+/// How a cluster spreads requests over its endpoints: the policy, and what a
+/// consistent-hash policy hashes. The default is peak-EWMA P2C.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Balancing {
+    /// The algorithm.
+    pub policy: Policy,
+    /// The affinity key of a consistent-hash policy ([`HashOn::None`] otherwise).
+    pub hash_on: HashOn,
+}
+
+impl From<(Policy, HashOn)> for Balancing {
+    fn from((policy, hash_on): (Policy, HashOn)) -> Self {
+        Self { policy, hash_on }
+    }
+}
 
 /// A cluster the proxy forwards to: an upstream service, a subset of its endpoints, or the
 /// local app for inbound traffic.
@@ -24,12 +42,25 @@ pub struct Service {
     pub timeout: Option<Duration>,
     /// Request metrics for traffic to this service.
     pub stats: Arc<HttpStats>,
-    endpoints: Vec<Arc<EndpointConns>>,
-    next: AtomicUsize,
+    balancer: Balancer<EndpointConns>,
+    hash_on: HashOn,
+    /// For a cookie policy with a `ttl`: what follows `name=value` in a generated cookie's
+    /// `Set-Cookie` (`; Path=..; Max-Age=..; HttpOnly`).
+    cookie_attributes: Option<String>,
+}
+
+/// The endpoint [`Service::pick_for`] chose for a request.
+pub struct Picked {
+    /// The endpoint; `None` when the cluster has none.
+    pub endpoint: Option<Arc<EndpointConns>>,
+    /// A `Set-Cookie` value to add to the response: the request lacked the affinity cookie of
+    /// a cookie policy with a `ttl`, so one was made up (and hashed for this pick) for its
+    /// next requests to carry.
+    pub set_cookie: Option<HeaderValue>,
 }
 
 impl Service {
-    /// A service over the given endpoints.
+    /// A service over the given endpoints, balanced by the default policy (peak-EWMA P2C).
     pub fn new(
         key: ServiceKey,
         endpoints: Vec<Arc<EndpointConns>>,
@@ -42,18 +73,86 @@ impl Service {
             subset: None,
             timeout,
             stats,
-            endpoints,
-            next: AtomicUsize::new(0),
+            balancer: Balancer::new(Policy::default(), endpoints),
+            hash_on: HashOn::None,
+            cookie_attributes: None,
         }
     }
 
-    /// The next endpoint, round robin; `None` when the service has none.
-    pub fn pick(&self) -> Option<&Arc<EndpointConns>> {
-        if self.endpoints.is_empty() {
-            return None;
+    /// The same service balanced by `balancing` (builds its hash ring or table, if any).
+    pub fn with_balancing(mut self, balancing: Balancing) -> Self {
+        let endpoints = self.balancer.endpoints().clone();
+        self.balancer = Balancer::new(balancing.policy, endpoints);
+        self.cookie_attributes = match &balancing.hash_on {
+            HashOn::Cookie {
+                path,
+                ttl: Some(ttl),
+                ..
+            } => {
+                let mut attrs = String::new();
+                if let Some(p) = path {
+                    attrs.push_str("; Path=");
+                    attrs.push_str(p);
+                }
+                // A zero ttl makes a session cookie (as in Istio); otherwise whole seconds,
+                // rounded up so that a sub-second ttl does not expire the cookie at once.
+                if !ttl.is_zero() {
+                    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+                    attrs.push_str(&format!("; Max-Age={secs}"));
+                }
+                attrs.push_str("; HttpOnly");
+                Some(attrs)
+            }
+            _ => None,
+        };
+        self.hash_on = balancing.hash_on;
+        self
+    }
+
+    /// The balancing policy.
+    pub fn policy(&self) -> Policy {
+        self.balancer.policy()
+    }
+
+    /// The endpoints, in the order given.
+    pub fn endpoints(&self) -> &[Arc<EndpointConns>] {
+        self.balancer.endpoints()
+    }
+
+    /// The endpoint for the next request; `None` when the service has none. `hash_key`
+    /// (from [`Service::hash_key`]) is what consistent-hash policies hash; the others
+    /// ignore it, and consistent hashing without one picks at random.
+    pub fn pick(&self, hash_key: Option<u64>) -> Option<&Arc<EndpointConns>> {
+        self.balancer.pick_endpoint(hash_key)
+    }
+
+    /// The affinity hash of a request from `source` under this service's consistent-hash
+    /// policy: its header, cookie, query parameter or client address (`None` when not
+    /// hashing, when the request lacks it, or for source-IP hashing without a `source`).
+    pub fn hash_key<B>(&self, req: &http::Request<B>, source: Option<IpAddr>) -> Option<u64> {
+        match (&self.hash_on, source) {
+            (HashOn::None, _) | (HashOn::SourceIp, None) => None,
+            (on, source) => on.key_of(req, source.unwrap_or(IpAddr::from([0, 0, 0, 0]))),
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        self.endpoints.get(i)
+    }
+
+    /// [`pick`](Self::pick) with the request's [`hash_key`](Self::hash_key). A request
+    /// lacking the cookie of a cookie policy with a `ttl` gets a random 128-bit token as its
+    /// key, and [`Picked::set_cookie`] sets it, as Istio (Envoy) does.
+    pub fn pick_for<B>(&self, req: &http::Request<B>, source: IpAddr) -> Picked {
+        let mut key = self.hash_key(req, Some(source));
+        let mut set_cookie = None;
+        if let (None, Some(attrs), HashOn::Cookie { name, .. }) =
+            (key, &self.cookie_attributes, &self.hash_on)
+        {
+            let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+            key = Some(hash_key(token.as_bytes()));
+            set_cookie = HeaderValue::try_from(format!("{name}={token}{attrs}")).ok();
+        }
+        Picked {
+            endpoint: self.pick(key).cloned(),
+            set_cookie,
+        }
     }
 }
 
@@ -151,5 +250,122 @@ fn strip_port(host: &str) -> &str {
             h
         }
         _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::hash_ip;
+    use crate::telemetry::Metrics;
+    use pool::{Pool, PoolConfig};
+
+    fn service(n: u8, balancing: Balancing) -> Service {
+        let pool = Pool::new(PoolConfig {
+            metrics: Arc::default(),
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+        });
+        let endpoints = (1..=n)
+            .map(|i| pool.endpoint(([10, 0, 0, i], 8080).into(), None))
+            .collect();
+        let key = ServiceKey::new("users", "default");
+        let stats = Metrics::default().http_stats("outbound", Peer::new("users", "default"));
+        Service::new(key, endpoints, None, stats).with_balancing(balancing)
+    }
+
+    fn cookie_policy(ttl: Option<Duration>) -> Balancing {
+        Balancing {
+            policy: Policy::RING_HASH,
+            hash_on: HashOn::Cookie {
+                name: "affinity".into(),
+                path: Some("/".into()),
+                ttl,
+            },
+        }
+    }
+
+    fn get(cookie: Option<&str>) -> http::Request<()> {
+        let mut b = http::Request::get("/");
+        if let Some(c) = cookie {
+            b = b.header("cookie", c);
+        }
+        b.body(()).unwrap()
+    }
+
+    const SRC: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 9, 9, 9));
+
+    #[test]
+    fn the_default_policy_is_p2c_and_picks_every_endpoint() {
+        let s = service(3, Balancing::default());
+        assert_eq!(s.policy(), Policy::P2cPeakEwma);
+        assert_eq!(s.hash_key(&get(None), Some(SRC)), None);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            seen.insert(s.pick_for(&get(None), SRC).endpoint.unwrap().addr());
+        }
+        assert_eq!(seen.len(), 3);
+        assert!(service(0, Balancing::default()).pick(None).is_none());
+    }
+
+    #[test]
+    fn round_robin_takes_turns() {
+        let s = service(3, (Policy::RoundRobin, HashOn::None).into());
+        let picks: Vec<_> = (0..6).map(|_| s.pick(None).unwrap().addr()).collect();
+        assert_eq!(picks[..3], picks[3..]);
+        assert_ne!(picks[0], picks[1]);
+        assert_ne!(picks[1], picks[2]);
+        assert_ne!(picks[0], picks[2]);
+    }
+
+    #[test]
+    fn source_ip_affinity_needs_a_source() {
+        let s = service(5, (Policy::MAGLEV, HashOn::SourceIp).into());
+        assert_eq!(s.hash_key(&get(None), Some(SRC)), Some(hash_ip(SRC)));
+        assert_eq!(s.hash_key(&get(None), None), None);
+        let first = s.pick_for(&get(None), SRC).endpoint.unwrap().addr();
+        for _ in 0..20 {
+            assert_eq!(s.pick_for(&get(None), SRC).endpoint.unwrap().addr(), first);
+        }
+    }
+
+    #[test]
+    fn a_missing_cookie_with_a_ttl_is_generated_and_then_sticks() {
+        let s = service(5, cookie_policy(Some(Duration::from_secs(60))));
+        let picked = s.pick_for(&get(None), SRC);
+        let set = picked.set_cookie.expect("a cookie is generated");
+        let set = set.to_str().unwrap();
+        let (pair, attrs) = set.split_once(';').unwrap();
+        assert_eq!(attrs, " Path=/; Max-Age=60; HttpOnly");
+        let token = pair.strip_prefix("affinity=").unwrap();
+        assert_eq!(token.len(), 32);
+        assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+        // The pick used the generated value: sending it back lands on the same endpoint.
+        let first = picked.endpoint.unwrap().addr();
+        for _ in 0..20 {
+            let again = s.pick_for(&get(Some(&format!("x=1; {pair}"))), SRC);
+            assert!(again.set_cookie.is_none(), "the client has the cookie");
+            assert_eq!(again.endpoint.unwrap().addr(), first);
+        }
+        // Tokens differ between clients.
+        let other = s.pick_for(&get(None), SRC).set_cookie.unwrap();
+        assert_ne!(other.to_str().unwrap(), set);
+    }
+
+    #[test]
+    fn a_zero_ttl_makes_a_session_cookie_and_no_ttl_none() {
+        let s = service(3, cookie_policy(Some(Duration::ZERO)));
+        let set = s.pick_for(&get(None), SRC).set_cookie.unwrap();
+        assert!(
+            set.to_str().unwrap().ends_with("; Path=/; HttpOnly"),
+            "{set:?}"
+        );
+        let s = service(3, cookie_policy(Some(Duration::from_millis(1500))));
+        let set = s.pick_for(&get(None), SRC).set_cookie.unwrap();
+        assert!(set.to_str().unwrap().contains("; Max-Age=2;"), "{set:?}");
+        let s = service(3, cookie_policy(None));
+        let picked = s.pick_for(&get(None), SRC);
+        assert!(picked.set_cookie.is_none());
+        assert!(picked.endpoint.is_some(), "no key: a random endpoint");
     }
 }

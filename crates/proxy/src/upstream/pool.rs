@@ -7,10 +7,12 @@
 //! services with a known identity are reached over mTLS: the same address with and without
 //! an expected identity gets separate entries, so connections are never shared between them.
 
+use crate::balance::{Endpoint, EndpointStats};
 use crate::http::body::RequestBody;
 use crate::tls::{UpstreamTls, UpstreamUse};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -99,6 +101,7 @@ impl Pool {
             h1_idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
+            stats: EndpointStats::new(),
         });
         map.insert(key, Arc::downgrade(&ep));
         ep
@@ -142,6 +145,8 @@ pub struct EndpointConns {
     h2: Mutex<Option<SharedH2>>,
     /// Held while dialing a new HTTP/2 connection so concurrent requests share one.
     h2_connecting: tokio::sync::Mutex<()>,
+    /// Requests in flight and latency, for the load balancers of every cluster listing it.
+    stats: EndpointStats,
 }
 
 /// An HTTP/1 connection checked out of the pool. Hand it back with [`H1Conn::release`] once
@@ -176,6 +181,12 @@ impl EndpointConns {
     /// The endpoint's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Its load: requests in flight and latency. Hold [`EndpointStats::start`]'s guard
+    /// around an exchange (or [`EndpointStats::start_untimed`]'s around a tunnel).
+    pub fn stats(&self) -> &EndpointStats {
+        &self.stats
     }
 
     /// Whether connections to this endpoint are mTLS.
@@ -312,6 +323,18 @@ impl EndpointConns {
     /// Idle HTTP/1 connections held right now (for tests and `/config`).
     pub fn idle_h1(&self) -> usize {
         self.h1_idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// Balanced by address: the key `ip:port` is the same in every proxy, so consistent hashing
+/// agrees mesh-wide. (The same address with and without mTLS has two entries, one key.)
+impl Endpoint for EndpointConns {
+    fn stats(&self) -> &EndpointStats {
+        &self.stats
+    }
+
+    fn key(&self) -> Cow<'_, str> {
+        Cow::Owned(self.addr.to_string())
     }
 }
 

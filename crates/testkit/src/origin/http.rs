@@ -64,7 +64,7 @@ pub struct HttpOrigin {
 impl HttpOrigin {
     /// Binds an ephemeral loopback port and starts serving.
     pub async fn start() -> io::Result<Self> {
-        Self::start_inner(None).await
+        Self::start_inner(None, Duration::ZERO).await
     }
 
     /// Like [`HttpOrigin::start`], but every response carries `x-origin: {name}` so tests can
@@ -72,15 +72,24 @@ impl HttpOrigin {
     pub async fn start_with_name(name: &str) -> io::Result<Self> {
         let name = HeaderValue::from_str(name)
             .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
-        Self::start_inner(Some(name)).await
+        Self::start_inner(Some(name), Duration::ZERO).await
     }
 
-    async fn start_inner(name: Option<HeaderValue>) -> io::Result<Self> {
+    /// Like [`HttpOrigin::start_with_name`], but every response (any route) is delayed by
+    /// `delay` before it is sent: a slow endpoint for load-balancing tests.
+    pub async fn start_with_delay(name: &str, delay: Duration) -> io::Result<Self> {
+        let name = HeaderValue::from_str(name)
+            .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+        Self::start_inner(Some(name), delay).await
+    }
+
+    async fn start_inner(name: Option<HeaderValue>, delay: Duration) -> io::Result<Self> {
         let (listener, addr) = bind_loopback().await?;
         let (tasks, guard) = Tasks::new();
         let requests = Arc::new(AtomicU64::new(0));
         let origin = Arc::new(Origin {
             name,
+            delay,
             requests: Arc::clone(&requests),
             tasks: tasks.clone(),
         });
@@ -108,6 +117,8 @@ impl HttpOrigin {
 /// State shared by all connections of one origin.
 struct Origin {
     name: Option<HeaderValue>,
+    /// Added before every response.
+    delay: Duration,
     requests: Arc<AtomicU64>,
     tasks: Tasks,
 }
@@ -130,6 +141,9 @@ async fn serve_connection(stream: TcpStream, origin: Arc<Origin>) {
 impl Origin {
     async fn respond(&self, req: Request<Incoming>) -> Response<Body> {
         self.requests.fetch_add(1, Ordering::SeqCst);
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
         let mut response = self.route(req).await;
         if let Some(name) = &self.name {
             response
