@@ -8,6 +8,7 @@ use crate::http::forward::{Destination, Forwarder, Shared};
 use crate::listener::Listener;
 use crate::policy::authz::Authz;
 use crate::policy::inbound::Inbound;
+use crate::policy::jwt::JwtAuthn;
 use crate::pushed::Pushed;
 use crate::route::compile::ClusterSpec;
 use crate::route::VirtualHost;
@@ -55,7 +56,26 @@ pub fn assemble(
         .and_then(|s| s.info())
         .map(|i| Arc::from(i.identity.to_string()));
     // Inbound: every public port forwards to its local app, as this workload's service,
-    // under the workload's authorization policies.
+    // under the workload's request authentication and authorization policies.
+    let jwt_policies: Vec<_> = boot
+        .loaded
+        .iter()
+        .chain(pushed_resources)
+        .filter_map(|l| match &l.resource {
+            Resource::RequestAuthentication(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect();
+    let jwt = Arc::new(
+        JwtAuthn::compile(
+            &jwt_policies,
+            &boot.namespace,
+            &boot.labels,
+            &boot.root_namespace,
+            &shared.jwks,
+        )
+        .map_err(ProxyError::Config)?,
+    );
     let authz = Authz::compile(
         boot.loaded
             .iter()
@@ -86,6 +106,7 @@ pub fn assemble(
                 inbound: Some(Inbound {
                     identity: local_identity.clone(),
                     authz: authz.clone(),
+                    jwt: jwt.clone(),
                 }),
                 shared: shared.clone(),
             }),

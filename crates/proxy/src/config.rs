@@ -306,6 +306,7 @@ impl Bootstrap {
                 match &loaded.resource {
                     Resource::PeerAuthentication(_)
                     | Resource::AuthorizationPolicy(_)
+                    | Resource::RequestAuthentication(_)
                     | Resource::VirtualService(_)
                     | Resource::DestinationRule(_) => boot.loaded.push(loaded),
                     other => errors.push(trellis_api::resources::ResourceError {
@@ -315,7 +316,7 @@ impl Bootstrap {
                             format!("{kind}/{}", meta.name)
                         },
                         field: "kind".into(),
-                        message: "the proxy does not apply this kind in static mode yet (PeerAuthentication, AuthorizationPolicy, VirtualService and DestinationRule only)".into(),
+                        message: "the proxy does not apply this kind in static mode yet (PeerAuthentication, AuthorizationPolicy, RequestAuthentication, VirtualService and DestinationRule only)".into(),
                     }),
                 }
             }

@@ -140,6 +140,8 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
         tracker: tracker.clone(),
         services: Default::default(),
         workload: (boot.namespace.clone(), boot.labels.clone()),
+        // Key sets are fetched through this proxy's own outbound listener (the mesh).
+        jwks: policy::jwt::JwksCache::new(boot.outbound.listen),
     });
     let ctx = Arc::new(Context {
         metrics: metrics.clone(),

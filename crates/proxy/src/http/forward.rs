@@ -79,6 +79,8 @@ pub struct Shared {
     pub services: ArcSwap<ServiceTable>,
     /// This workload's namespace and labels (route `sourceNamespace` / `sourceLabels`).
     pub workload: (String, std::collections::BTreeMap<String, String>),
+    /// JWKS of the RequestAuthentication issuers, kept across config versions.
+    pub jwks: crate::policy::jwt::JwksCache,
 }
 
 /// Forwards the requests of one listener.

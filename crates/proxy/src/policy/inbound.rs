@@ -5,7 +5,8 @@
 //! `PERMISSION_DENIED`). The normalized path is what the application receives, so a policy
 //! means what the backend sees. TCP: a denied connection is closed.
 
-use super::authz::{Authz, HttpAttrs, RequestAttrs};
+use super::authz::{Authz, HttpAttrs, JwtAttrs, RequestAttrs};
+use super::jwt::{Authn, JwtAuthn};
 use super::path;
 use crate::http::body::ResponseBody;
 use crate::http::forward::ClientConn;
@@ -20,6 +21,8 @@ pub struct Inbound {
     pub identity: Option<std::sync::Arc<str>>,
     /// Its compiled authorization policies.
     pub authz: Authz,
+    /// Its request authentication (JWT) rules.
+    pub jwt: std::sync::Arc<JwtAuthn>,
 }
 
 /// The Istio principal of a peer (`<trust domain>/ns/<ns>/sa/<sa>`).
@@ -64,6 +67,7 @@ impl Inbound {
                 *req.uri_mut() = u;
             }
         }
+        let jwt = self.authenticate(req)?;
         if self.authz.is_empty() {
             return Ok(());
         }
@@ -96,7 +100,7 @@ impl Inbound {
                 path: &matched,
                 headers: req.headers(),
             }),
-            jwt: None,
+            jwt: jwt.as_ref(),
         };
         let d = self.authz.decide(&attrs);
         metrics.authz_decision(d.action_label(), d.policy_label());
@@ -109,6 +113,55 @@ impl Inbound {
         }
         tracing::info!(target: "trellis::authz", action = "deny", policy = d.policy_label(), source = principal.as_deref().unwrap_or("-"), method = %req.method(), path = %normalized, "request denied");
         Err(denied(req))
+    }
+
+    /// Verifies the request's JWT, if it carries one: 401 when invalid; when valid, applies
+    /// the rule's effects (token removed unless forwarded, payload and claim headers) and
+    /// returns what authorization sees of it.
+    #[allow(clippy::result_large_err)]
+    fn authenticate<B>(
+        &self,
+        req: &mut Request<B>,
+    ) -> Result<Option<JwtAttrs>, Response<ResponseBody>> {
+        if self.jwt.is_empty() {
+            return Ok(None);
+        }
+        match self.jwt.authenticate(req.headers(), req.uri().query()) {
+            Authn::NoToken => {
+                self.jwt.strip_output_headers(req.headers_mut());
+                Ok(None)
+            }
+            Authn::Invalid(e) => {
+                tracing::info!(target: "trellis::authn", error = %e, method = %req.method(), path = %req.uri().path(), "JWT refused");
+                let mut resp = respond::error(
+                    StatusCode::UNAUTHORIZED,
+                    "jwt-invalid",
+                    format!("Jwt verification fails: {e}"),
+                    None,
+                );
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+                Err(resp)
+            }
+            Authn::Valid(attrs, effects) => {
+                super::jwt::apply(&effects, req.headers_mut());
+                if let Some(q) = req.uri().query().and_then(|q| effects.rewrite_query(q)) {
+                    let pq = if q.is_empty() {
+                        req.uri().path().to_string()
+                    } else {
+                        format!("{}?{q}", req.uri().path())
+                    };
+                    let mut parts = req.uri().clone().into_parts();
+                    parts.path_and_query = PathAndQuery::try_from(pq).ok();
+                    if let Ok(u) = Uri::from_parts(parts) {
+                        *req.uri_mut() = u;
+                    }
+                }
+                Ok(Some(attrs))
+            }
+        }
     }
 
     /// Checks a TCP connection (no HTTP attributes): `false` closes it.
