@@ -211,3 +211,95 @@ async fn the_seed_policy_and_the_bypass_matrix_decide_as_istio_would() {
     .unwrap_or(0.0);
     assert!(default_denied >= 2.0, "{m}");
 }
+
+/// Sends `msg` on a fresh connection to `addr`; returns what came back before EOF or 2 s.
+async fn tcp_roundtrip(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return Vec::new();
+    };
+    // The echo origin answers after the client half-closes.
+    if s.write_all(msg).await.is_err() || s.shutdown().await.is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await {
+        Ok(Ok(_)) => buf,
+        _ => Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_are_denied_and_http_only_deny_rules_never_allow() {
+    let control = Control::start(BIN, &[]).await;
+    let echo = trellis_testkit::origin::tcp::TcpEchoOrigin::start()
+        .await
+        .unwrap();
+    let (ea, ein) = (free_addr(), free_addr());
+    let token = control.token("ledger", "default", &[]);
+    let grpc = control.grpc.to_string();
+    let _ledger = proxy(
+        &format!(
+            "service: ledger\nnamespace: default\nadmin: {ea}\noutbound: {{ listen: null }}\n\
+             inbound:\n  - listen: {ein}\n    app: {}\n    protocol: tcp\n",
+            echo.addr()
+        ),
+        ea,
+        &[
+            "--control",
+            &grpc,
+            "--token",
+            token.to_str().unwrap(),
+            "--label=app=ledger",
+        ],
+    )
+    .await;
+    let (ca, port) = (free_addr(), free_addr());
+    let token = control.token("teller", "default", &[]);
+    let teller = proxy(
+        &format!(
+            "service: teller\nnamespace: default\nadmin: {ca}\noutbound: {{ listen: null }}\n\
+             upstreams:\n  - service: ledger\n    listen: {port}\n    protocol: tcp\n"
+        ),
+        ca,
+        &["--control", &grpc, "--token", token.to_str().unwrap()],
+    )
+    .await;
+    eventually(
+        Duration::from_secs(5),
+        "teller reaches ledger over mTLS",
+        || async { (tcp_roundtrip(port, b"ping").await == b"ping").then_some(()) },
+    )
+    .await;
+
+    let dir = TempDir::new("authz-tcp");
+    let apply = |name: &str, yaml: &str| {
+        let f = dir.path().join(name);
+        std::fs::write(&f, yaml).unwrap();
+        let (code, o, e) = control.cli(&["apply", "-f", f.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{o}{e}");
+    };
+    // A DENY rule on an HTTP-only field cannot be checked on TCP: it denies the connection.
+    apply(
+        "deny-post.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: { name: no-posts, namespace: default }\nspec:\n  selector: { matchLabels: { app: ledger } }\n  action: DENY\n  rules:\n  - to: [{ operation: { methods: [POST] } }]\n",
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the DENY closes TCP connections",
+        || async { tcp_roundtrip(port, b"ping").await.is_empty().then_some(()) },
+    )
+    .await;
+    // Replaced by an ALLOW for the teller only: allowed again.
+    let (code, o, e) = control.cli(&["delete", "authorizationpolicy", "no-posts", "-n", "default"]);
+    assert_eq!(code, Some(0), "{o}{e}");
+    apply(
+        "allow-teller.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: { name: tellers, namespace: default }\nspec:\n  selector: { matchLabels: { app: ledger } }\n  rules:\n  - from: [{ source: { principals: [\"cluster.local/ns/default/sa/teller\"] } }]\n",
+    );
+    eventually(Duration::from_secs(5), "the teller is allowed", || async {
+        (tcp_roundtrip(port, b"pong").await == b"pong").then_some(())
+    })
+    .await;
+    drop(teller);
+}

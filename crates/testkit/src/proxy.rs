@@ -101,7 +101,10 @@ impl Trellis {
             .arg("--config")
             .arg(&config)
             .args(extra)
-            .env("TRELLIS_LOG", "info")
+            .env(
+                "TRELLIS_LOG",
+                std::env::var("TRELLIS_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -1,5 +1,5 @@
 //! AuthorizationPolicy rules: `custom-action`, `single-clause-rules`, `path-wildcard`,
-//! `not-values-empty` and `empty-allow`.
+//! `not-values-empty`, `empty-allow` and `foreign-trust-domain`.
 //!
 //! - `single-clause-rules`: in Istio a request matches a policy when it matches *any* rule,
 //!   and a rule when it matches *all* its `from`, `to` and `when`. Splitting one intended rule
@@ -10,6 +10,8 @@
 //!   `*.png`); elsewhere it is matched literally. Path templates (`{*}`, `{**}`) are fine.
 //! - `not-values-empty`: `notValues: [""]` excludes only an empty value; a request without the
 //!   header at all still matches.
+//! - `foreign-trust-domain`: a principal of another trust domain than the mesh's (the `Mesh`
+//!   resource's `trustDomain`, else `cluster.local`) never matches a mesh identity.
 
 use super::{finding, Finding, Level};
 use crate::resources::authorization_policy::{Action, Rule};
@@ -17,6 +19,13 @@ use crate::resources::{Loaded, Resource};
 
 /// Runs the AuthorizationPolicy rules.
 pub fn check(loaded: &[Loaded], out: &mut Vec<Finding>) {
+    let trust_domain = loaded
+        .iter()
+        .find_map(|l| match &l.resource {
+            Resource::Mesh(m) => Some(m.spec.trust_domain.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| crate::names::DEFAULT_CLUSTER_DOMAIN.to_string());
     for l in loaded {
         let Resource::AuthorizationPolicy(p) = &l.resource else {
             continue;
@@ -59,6 +68,26 @@ pub fn check(loaded: &[Loaded], out: &mut Vec<Finding>) {
                                 format!(
                                     "spec.rules[{i}].to[{j}].operation.{field}[{k}]: {path:?}: Istio matches `*` in the middle literally; use the path template {} (one segment) or `{{**}}`",
                                     suggestion(path)
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+            for (j, from) in rule.from.iter().flatten().enumerate() {
+                let src = &from.source;
+                for (field, list) in [
+                    ("principals", &src.principals),
+                    ("notPrincipals", &src.not_principals),
+                ] {
+                    for (k, principal) in list.iter().enumerate() {
+                        let td = principal.split('/').next().unwrap_or("");
+                        if principal.contains("/ns/") && !td.contains('*') && td != trust_domain {
+                            push(
+                                Level::Warning,
+                                "foreign-trust-domain",
+                                format!(
+                                    "spec.rules[{i}].from[{j}].source.{field}[{k}]: {principal:?} is in trust domain {td:?}, but this mesh's is {trust_domain:?}: it never matches"
                                 ),
                             );
                         }
@@ -175,6 +204,8 @@ spec:
         assert_eq!(f[0].level, Level::Error);
         let deny_all = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: { name: deny-all, namespace: edtech }\nspec: {}\n";
         assert_eq!(codes(&run(deny_all)), ["empty-allow@1"]);
+        let foreign = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: { name: f }\nspec:\n  rules:\n  - from: [{ source: { principals: [\"other.local/ns/a/sa/b\", \"cluster.local/ns/a/sa/b\", \"*\"] } }]\n";
+        assert_eq!(codes(&run(foreign)), ["foreign-trust-domain@1"]);
         let allow_all = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: { name: allow-all }\nspec:\n  action: ALLOW\n  rules: [{}]\n";
         assert!(run(allow_all).is_empty());
     }
