@@ -303,3 +303,81 @@ async fn tcp_connections_are_denied_and_http_only_deny_rules_never_allow() {
     .await;
     drop(teller);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_default_deny_switch_denies_what_no_allow_policy_covers() {
+    let control = Control::start(BIN, &[]).await;
+    let users = HttpOrigin::start().await.unwrap();
+    let (user_service, _) = joined(
+        &control,
+        "user-service",
+        "default",
+        users.addr(),
+        &["app=user-service"],
+    )
+    .await;
+    let app = HttpOrigin::start().await.unwrap();
+    let (_front, out) = joined(
+        &control,
+        "frontend-service",
+        "edtech-production",
+        app.addr(),
+        &[],
+    )
+    .await;
+    eventually(
+        Duration::from_secs(5),
+        "frontend reaches user-service",
+        || async { (call(out, "/echo/x", &[]).await.0 == 200).then_some(()) },
+    )
+    .await;
+    let dir = TempDir::new("mesh");
+    let apply = |name: &str, yaml: &str| {
+        let f = dir.path().join(name);
+        std::fs::write(&f, yaml).unwrap();
+        control.cli(&["apply", "-f", f.to_str().unwrap()])
+    };
+    let (code, o, e) = apply(
+        "mesh.yaml",
+        "apiVersion: trellis.dev/v1alpha1\nkind: Mesh\nmetadata: { name: mesh }\nspec:\n  authorization: { defaultDeny: true }\n",
+    );
+    assert_eq!(code, Some(0), "{o}{e}");
+    eventually(Duration::from_secs(5), "default deny applies", || async {
+        (call(out, "/echo/x", &[]).await.0 == 403).then_some(())
+    })
+    .await;
+    let (code, o, e) = apply(
+        "allow.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: { name: frontend-in, namespace: default }\nspec:\n  selector: { matchLabels: { app: user-service } }\n  rules:\n  - from: [{ source: { namespaces: [edtech-production] } }]\n",
+    );
+    assert_eq!(code, Some(0), "{o}{e}");
+    eventually(
+        Duration::from_secs(5),
+        "an ALLOW policy opens it",
+        || async { (call(out, "/echo/x", &[]).await.0 == 200).then_some(()) },
+    )
+    .await;
+    let m = user_service.metrics().await;
+    assert!(
+        sample(
+            &m,
+            "trellis_authz_decisions_total",
+            &[("action", "deny"), ("policy", "mesh/default-deny")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{m}"
+    );
+    // A Mesh setting the proxy does not enforce yet is refused (NACK), never ignored.
+    let (code, o, e) = apply(
+        "mesh.yaml",
+        "apiVersion: trellis.dev/v1alpha1\nkind: Mesh\nmetadata: { name: mesh }\nspec:\n  authorization: { defaultDeny: true }\n  defaults: { timeout: 5s }\n",
+    );
+    assert_eq!(code, Some(0), "{o}{e}");
+    eventually(Duration::from_secs(5), "the proxies NACK", || async {
+        let (_, out, _) = control.cli(&["status", "-o", "json"]);
+        out.contains("spec.defaults.timeout: not enforced")
+            .then_some(())
+    })
+    .await;
+}

@@ -213,12 +213,12 @@ async fn virtual_services_route_split_rewrite_and_fail_as_configured() {
 
     // A route setting this proxy does not enforce yet is refused by name (NACK), never
     // silently ignored; the running routes stay.
-    let file = dir.path().join("retries.yaml");
+    let file = dir.path().join("cors.yaml");
     std::fs::write(
         &file,
         RULES.replace(
             "  - name: split\n",
-            "  - name: split\n    retries: { attempts: 3 }\n",
+            "  - name: split\n    corsPolicy: { allowOrigins: [{ exact: \"https://x.example\" }] }\n",
         ),
     )
     .unwrap();
@@ -231,7 +231,7 @@ async fn virtual_services_route_split_rewrite_and_fail_as_configured() {
             p["service"] == "frontend"
                 && p["last_nack"]["error"]
                     .as_str()
-                    .is_some_and(|e| e.contains("retries: not enforced"))
+                    .is_some_and(|e| e.contains("corsPolicy: not enforced"))
         })?;
         Some(())
     })

@@ -31,6 +31,8 @@ use trellis_identity::{IdentityStore, SpiffeId};
 pub struct Assembly {
     /// Upstream services by name and host.
     pub services: ServiceTable,
+    /// The workload's identity and inbound policies.
+    pub inbound: Inbound,
     /// Listeners with the address each is bound to.
     pub listeners: Vec<(SocketAddr, Listener)>,
 }
@@ -51,6 +53,13 @@ pub fn assemble(
     let my_peer = Peer::new(&me.name, &me.namespace);
     let mut listeners: Vec<(SocketAddr, Listener)> = Vec::new();
     let pushed_resources = pushed.map_or(&[][..], |p| p.resources.as_slice());
+    let mesh = mesh_settings(boot, pushed_resources)?;
+    let root_namespace = mesh.root_namespace.as_str();
+    // A Mesh's default mTLS mode applies unless the bootstrap sets one.
+    let mtls = match (boot.mtls, mesh.mtls, identity) {
+        (None, Some(mode), Some(_)) => mode,
+        _ => mtls,
+    };
 
     let local_identity: Option<Arc<str>> = identity
         .and_then(|s| s.info())
@@ -86,7 +95,7 @@ pub fn assemble(
             }),
         &boot.namespace,
         &boot.labels,
-        &boot.root_namespace,
+        root_namespace,
     );
     let inbound_stats = metrics.http_stats("inbound", my_peer.clone());
     for (i, inb) in boot.inbound.iter().enumerate() {
@@ -103,11 +112,7 @@ pub fn assemble(
             protocol: inb.protocol,
             forwarder: Arc::new(Forwarder {
                 destination: Destination::Fixed(app.clone()),
-                inbound: Some(Inbound {
-                    identity: local_identity.clone(),
-                    authz: authz.clone(),
-                    jwt: jwt.clone(),
-                }),
+                inbound: true,
                 shared: shared.clone(),
             }),
             tcp_target: Some(Destination::Fixed(app)),
@@ -115,7 +120,7 @@ pub fn assemble(
             peer_label: Arc::from(UNKNOWN),
             tls: match (
                 identity,
-                inbound_mode(boot, pushed_resources, mtls, inb.app.port()),
+                inbound_mode(boot, pushed_resources, root_namespace, mtls, inb.app.port()),
             ) {
                 (_, MtlsMode::Disable) => None,
                 (Some(store), mode) => Some(InboundTls::new(mode, store)),
@@ -230,7 +235,7 @@ pub fn assemble(
             protocol: u.protocol,
             forwarder: Arc::new(Forwarder {
                 destination: Destination::Upstream(key.clone()),
-                inbound: None,
+                inbound: false,
                 shared: shared.clone(),
             }),
             tcp_target: Some(Destination::Upstream(key.clone())),
@@ -247,7 +252,7 @@ pub fn assemble(
             protocol: Protocol::Auto,
             forwarder: Arc::new(Forwarder {
                 destination: Destination::ByHost,
-                inbound: None,
+                inbound: false,
                 shared: shared.clone(),
             }),
             tcp_target: None,
@@ -260,6 +265,12 @@ pub fn assemble(
 
     Ok(Assembly {
         services: ServiceTable::new(vhosts, hosts, &me.namespace, &boot.cluster_domain),
+        inbound: Inbound {
+            identity: local_identity,
+            authz,
+            jwt,
+            default_deny: mesh.default_deny,
+        },
         listeners,
     })
 }
@@ -267,7 +278,13 @@ pub fn assemble(
 /// The mTLS mode of the inbound port whose app listens on `app_port`: PeerAuthentication
 /// resources (the bootstrap's and pushed ones; workload, namespace, mesh scope) over the
 /// bootstrap's `mtls` default.
-fn inbound_mode(boot: &Bootstrap, pushed: &[Loaded], default: MtlsMode, app_port: u16) -> MtlsMode {
+fn inbound_mode(
+    boot: &Bootstrap,
+    pushed: &[Loaded],
+    root_namespace: &str,
+    default: MtlsMode,
+    app_port: u16,
+) -> MtlsMode {
     use trellis_api::resources::peer_authentication::{effective_mode, Workload};
     use trellis_api::resources::{PeerMode, Resource};
     let policies = boot
@@ -287,9 +304,62 @@ fn inbound_mode(boot: &Bootstrap, pushed: &[Loaded], default: MtlsMode, app_port
         namespace: &boot.namespace,
         labels: &boot.labels,
     };
-    match effective_mode(policies, &workload, app_port, &boot.root_namespace, default) {
+    match effective_mode(policies, &workload, app_port, root_namespace, default) {
         PeerMode::Strict => MtlsMode::Strict,
         PeerMode::Permissive => MtlsMode::Permissive,
         PeerMode::Disable | PeerMode::Unset => MtlsMode::Disable,
     }
+}
+
+/// What the `Mesh` resource (`trellis.dev/v1alpha1`, pushed) sets for this proxy.
+struct MeshSettings {
+    root_namespace: String,
+    mtls: Option<MtlsMode>,
+    default_deny: bool,
+}
+
+/// Reads the Mesh resource, if any. Settings this proxy does not enforce yet are refused by
+/// name rather than ignored.
+fn mesh_settings(boot: &Bootstrap, pushed: &[Loaded]) -> Result<MeshSettings, ProxyError> {
+    use trellis_api::resources::PeerMode;
+    let Some(mesh) = boot
+        .loaded
+        .iter()
+        .chain(pushed)
+        .find_map(|l| match &l.resource {
+            Resource::Mesh(m) => Some(m),
+            _ => None,
+        })
+    else {
+        return Ok(MeshSettings {
+            root_namespace: boot.root_namespace.clone(),
+            mtls: None,
+            default_deny: false,
+        });
+    };
+    let spec = &mesh.spec;
+    let d = &spec.defaults;
+    for (field, set) in [
+        ("defaults.timeout", d.timeout.is_some()),
+        ("defaults.retries", d.retries.is_some()),
+        ("defaults.outlierDetection", d.outlier_detection.is_some()),
+        ("defaults.connectionPool", d.connection_pool.is_some()),
+        ("tracing.sampling", spec.tracing.sampling != 1.0),
+    ] {
+        if set {
+            return Err(ProxyError::Config(format!(
+                "Mesh {}: spec.{field}: not enforced by this proxy yet",
+                mesh.metadata.name
+            )));
+        }
+    }
+    Ok(MeshSettings {
+        root_namespace: spec.root_namespace.clone(),
+        mtls: Some(match spec.mtls.mode {
+            PeerMode::Strict => MtlsMode::Strict,
+            PeerMode::Permissive => MtlsMode::Permissive,
+            PeerMode::Disable | PeerMode::Unset => MtlsMode::Disable,
+        }),
+        default_deny: spec.authorization.default_deny,
+    })
 }

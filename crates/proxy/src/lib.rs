@@ -18,6 +18,7 @@ pub mod listener;
 mod live;
 pub mod policy;
 pub mod pushed;
+pub mod resilience;
 pub mod route;
 pub mod tcp;
 pub mod telemetry;
@@ -142,6 +143,7 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
         workload: (boot.namespace.clone(), boot.labels.clone()),
         // Key sets are fetched through this proxy's own outbound listener (the mesh).
         jwks: policy::jwt::JwksCache::new(boot.outbound.listen),
+        inbound: Default::default(),
     });
     let ctx = Arc::new(Context {
         metrics: metrics.clone(),

@@ -199,11 +199,13 @@ where
             .await;
         }
         Detected::Tls | Detected::Opaque => match &l.tcp_target {
-            _ if l
-                .forwarder
-                .inbound
-                .as_ref()
-                .is_some_and(|i| !i.check_connection(&client, &ctx.metrics)) => {}
+            _ if l.forwarder.inbound
+                && !l
+                    .forwarder
+                    .shared
+                    .inbound
+                    .load()
+                    .check_connection(&client, &ctx.metrics) => {}
             Some(target) => match target.host(&l.forwarder.shared.services.load()) {
                 Ok(host) => crate::tcp::forward(io, &host.cluster).await,
                 Err(e) => {

@@ -51,6 +51,7 @@ impl Live {
     ) -> Result<(Arc<Self>, Vec<std::net::SocketAddr>), ProxyError> {
         let Assembly {
             services,
+            inbound,
             listeners,
         } = assemble(
             &boot,
@@ -62,6 +63,7 @@ impl Live {
             &shared,
         )?;
         shared.services.store(Arc::new(services));
+        shared.inbound.store(Arc::new(inbound));
         let addrs = listeners.iter().map(|(a, _)| *a).collect();
         let slots = listeners
             .into_iter()
@@ -101,6 +103,7 @@ impl Apply for Live {
         let _one = self.applying.lock().unwrap_or_else(|e| e.into_inner());
         let Assembly {
             services,
+            inbound,
             listeners,
         } = assemble(
             &self.boot,
@@ -116,6 +119,7 @@ impl Apply for Live {
             return Err("the pushed config changes the set of listeners".into());
         }
         self.shared.services.store(Arc::new(services));
+        self.shared.inbound.store(Arc::new(inbound));
         for (slot, (_, l)) in self.listeners.iter().zip(listeners) {
             slot.store(Arc::new(l));
         }

@@ -6,6 +6,7 @@
 //! pool. A body dropped early (client gone) records the exchange and closes the connection.
 
 use super::exchange::Exchange;
+use crate::resilience::replay::{BoxError, ReplayBody};
 use crate::upstream::pool::H1Conn;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -19,6 +20,8 @@ use std::task::{ready, Context, Poll};
 pub struct RequestBody {
     inner: Option<Incoming>,
     bytes: Option<Arc<AtomicU64>>,
+    /// One attempt's view of a body kept for retries (then `inner` is `None`).
+    replay: Option<ReplayBody>,
 }
 
 impl RequestBody {
@@ -27,6 +30,16 @@ impl RequestBody {
         Self {
             inner: Some(inner),
             bytes,
+            replay: None,
+        }
+    }
+
+    /// An attempt's body of a request that may be retried (see [`crate::resilience::replay`]).
+    pub fn replay(body: ReplayBody) -> Self {
+        Self {
+            inner: None,
+            bytes: None,
+            replay: Some(body),
         }
     }
 
@@ -35,18 +48,22 @@ impl RequestBody {
         Self {
             inner: None,
             bytes: None,
+            replay: None,
         }
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(replay) = self.replay.as_mut() {
+            return replay.poll_next(cx);
+        }
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -56,14 +73,20 @@ impl Body for RequestBody {
                 bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
             }
         }
-        Poll::Ready(res)
+        Poll::Ready(res.map(|r| r.map_err(BoxError::from)))
     }
 
     fn is_end_stream(&self) -> bool {
+        if let Some(replay) = &self.replay {
+            return replay.is_end();
+        }
         self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(replay) = &self.replay {
+            return replay.size_hint();
+        }
         self.inner
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)

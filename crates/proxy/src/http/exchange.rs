@@ -51,6 +51,9 @@ pub struct Exchange {
     pub bytes_in: Option<Arc<AtomicU64>>,
     /// Access log fields, when the access log is on.
     pub log: Option<Box<LogFields>>,
+    /// The request's admission under its cluster's connection pool limits: held until the
+    /// response ends.
+    pub admission: crate::upstream::limits::Permit,
 }
 
 impl Exchange {

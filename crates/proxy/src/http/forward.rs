@@ -9,6 +9,8 @@ use super::body::{RequestBody, ResponseBody};
 use super::exchange::{Exchange, LogFields};
 use super::headers;
 use super::respond;
+use crate::resilience::replay::Replay;
+use crate::resilience::retry::Outcome;
 use crate::route::matcher::MatchContext;
 use crate::route::{Abort, Action, Decision, Route, VirtualHost};
 use crate::telemetry::metrics::{Metrics, Peer};
@@ -81,15 +83,17 @@ pub struct Shared {
     pub workload: (String, std::collections::BTreeMap<String, String>),
     /// JWKS of the RequestAuthentication issuers, kept across config versions.
     pub jwks: crate::policy::jwt::JwksCache,
+    /// The workload's identity and inbound policies (swapped when a new config arrives).
+    pub inbound: ArcSwap<crate::policy::inbound::Inbound>,
 }
 
 /// Forwards the requests of one listener.
 pub struct Forwarder {
     /// Where requests go.
     pub destination: Destination,
-    /// For inbound listeners: the workload's identity and authorization policies. `None` for
-    /// outbound listeners.
-    pub inbound: Option<crate::policy::inbound::Inbound>,
+    /// Whether this is an inbound listener: the workload's current identity and policies
+    /// (`Shared::inbound`) apply to every request, on old connections too.
+    pub inbound: bool,
     /// Proxy-wide parts.
     pub shared: Arc<Shared>,
 }
@@ -118,7 +122,8 @@ impl Forwarder {
         mut req: Request<Incoming>,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let start = Instant::now();
-        if let Some(inbound) = &self.inbound {
+        let inbound = self.inbound.then(|| self.shared.inbound.load_full());
+        if let Some(inbound) = &inbound {
             if let Err(denied) = inbound.check_request(&mut req, &client, &self.shared.metrics) {
                 return Ok(denied);
             }
@@ -292,8 +297,17 @@ impl Forwarder {
         mut req: Request<Incoming>,
         start: Instant,
     ) -> Response<ResponseBody> {
+        // Circuit breaking: over a connectionPool limit, 503 at once.
+        let admitted = match service.admit().await {
+            Ok(permit) => permit,
+            Err(o) => {
+                let msg = format!("trellis: service {}: {o}", service.key);
+                return respond::error(StatusCode::SERVICE_UNAVAILABLE, o.reason(), msg, None);
+            }
+        };
         let request_id = headers::ensure_request_id(req.headers_mut());
-        if let Some(inbound) = &self.inbound {
+        if self.inbound {
+            let inbound = self.shared.inbound.load();
             headers::set_forwarded_client_cert(
                 req.headers_mut(),
                 inbound.identity.as_deref(),
@@ -318,6 +332,7 @@ impl Forwarder {
             bytes_out: 0,
             bytes_in: None,
             log: None,
+            admission: admitted,
         });
         if self.shared.access_log.enabled() {
             exchange.log = Some(Box::new(LogFields {
@@ -361,52 +376,165 @@ impl Forwarder {
         // receiving proxy restores HTTP/1.1 for the app when the client spoke it.
         let was_h1 = headers::take_orig_proto_h1(req.headers_mut(), client.tls)
             || downstream_version < Version::HTTP_2;
-        let h2 = if endpoint.is_mtls() {
-            !upgrade
-        } else {
-            !was_h1
-        };
-        if endpoint.is_mtls() && h2 && was_h1 {
-            headers::mark_orig_proto_h1(req.headers_mut());
-        }
-        if endpoint.is_mtls() {
-            exchange.tls = true;
-        }
-        if let Err(msg) = set_upstream_target(&mut req, authority.as_deref(), endpoint.addr(), h2) {
-            return respond::error(StatusCode::BAD_REQUEST, "bad-target", msg, Some(exchange));
-        }
         // Request bytes are only reported in the access log: count them only then.
         let bytes_in = exchange.log.is_some().then(|| Arc::new(AtomicU64::new(0)));
         exchange.bytes_in = bytes_in.clone();
-        let req = req.map(|b| RequestBody::new(b, bytes_in));
 
-        // Time to the response head feeds the balancer; an exchange that fails or times out
-        // drops the guard, which records the time it took.
-        let in_flight = endpoint.stats().start();
-        let sent = send(&endpoint, req, h2);
-        let result = match route_timeout.or(service.timeout) {
-            Some(t) => match tokio::time::timeout(t, sent).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return respond::error(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "upstream-timeout",
-                        format!(
-                            "trellis: service {} did not answer within {:?}",
-                            service.key, t
-                        ),
-                        Some(exchange),
-                    )
+        // Retries: never for upgrades, nor for bodies too large to keep for replay.
+        let retry = route
+            .and_then(|r| r.retry.as_ref())
+            .filter(|_| !upgrade && Replay::fits(&http_body::Body::size_hint(req.body())));
+        let (head, body) = req.into_parts();
+        let method = head.method.clone();
+        let grpc = head
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let (replay, mut body) = match retry {
+            Some(_) => {
+                service.retry_budget.deposit();
+                (Some(Replay::new(body, bytes_in.clone())), None)
+            }
+            None => (None, Some(body)),
+        };
+        let mut head = Some(head);
+        let deadline = route_timeout
+            .or(service.timeout)
+            .map(|t| (t, tokio::time::Instant::now() + t));
+        let mut endpoint = endpoint;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut retries = 0u32;
+        let last = loop {
+            // Each attempt sends a copy of the head (the original when there is no retry).
+            let parts = if replay.is_some() {
+                head.clone()
+            } else {
+                head.take()
+            };
+            let (Some(parts), body) = (
+                parts,
+                match (&replay, body.take()) {
+                    (Some(r), _) => RequestBody::replay(r.attempt()),
+                    (None, Some(b)) => RequestBody::new(b, bytes_in.clone()),
+                    (None, None) => RequestBody::empty(),
+                },
+            ) else {
+                break Attempt::Failed(None);
+            };
+            let mut req = Request::from_parts(parts, body);
+            let h2 = if endpoint.is_mtls() {
+                !upgrade
+            } else {
+                !was_h1
+            };
+            if endpoint.is_mtls() && h2 && was_h1 {
+                headers::mark_orig_proto_h1(req.headers_mut());
+            }
+            exchange.tls = client.tls || endpoint.is_mtls();
+            if let Err(msg) =
+                set_upstream_target(&mut req, authority.as_deref(), endpoint.addr(), h2)
+            {
+                return respond::error(StatusCode::BAD_REQUEST, "bad-target", msg, Some(exchange));
+            }
+            tried.push(endpoint.addr());
+
+            // Time to the response head feeds the balancer; an exchange that fails or times
+            // out drops the guard, which records the time it took.
+            let in_flight = endpoint.stats().start();
+            let sent = send(&endpoint, req, h2);
+            let per_try = retry
+                .and_then(|p| p.per_try_timeout)
+                .map(|t| tokio::time::Instant::now() + t);
+            let until = match (deadline.map(|(_, d)| d), per_try) {
+                (Some(d), Some(p)) => Some(d.min(p)),
+                (d, p) => d.or(p),
+            };
+            let result = match until {
+                Some(u) => tokio::time::timeout_at(u, sent).await.ok(),
+                None => Some(sent.await),
+            };
+            let (attempt, outcome) = match result {
+                Some(Ok((resp, pooled))) => {
+                    let latency = in_flight.started().elapsed();
+                    in_flight.finish(latency);
+                    let outcome =
+                        Outcome::Response(resp.status(), headers::grpc_status(resp.headers()));
+                    (Attempt::Answered(resp, pooled), Some(outcome))
                 }
-            },
-            None => sent.await,
+                Some(Err(e)) => {
+                    let outcome = outcome_of(&e);
+                    (Attempt::Failed(Some(e)), outcome)
+                }
+                None => match deadline {
+                    Some((t, d)) if tokio::time::Instant::now() >= d => {
+                        return respond::error(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream-timeout",
+                            format!(
+                                "trellis: service {} did not answer within {:?}",
+                                service.key, t
+                            ),
+                            Some(exchange),
+                        )
+                    }
+                    _ => (Attempt::TimedOut, Some(Outcome::PerTryTimeout)),
+                },
+            };
+            service.report(&endpoint, outcome.into());
+            let (Some(policy), Some(replay), Some(outcome)) = (retry, &replay, outcome) else {
+                break attempt;
+            };
+            if retries >= policy.retries
+                || !policy.retries_on(&method, grpc, outcome)
+                || !replay.replayable()
+            {
+                break attempt;
+            }
+            if !service.retry_budget.try_withdraw() {
+                service.stats.retry_budget_exhausted();
+                break attempt;
+            }
+            let pause = policy.backoff(retries + 1);
+            if deadline.is_some_and(|(_, d)| tokio::time::Instant::now() + pause >= d) {
+                break attempt;
+            }
+            drop(attempt);
+            tokio::time::sleep(pause).await;
+            retries += 1;
+            service.stats.retried();
+            let next = head
+                .as_ref()
+                .and_then(|h| repick(service, h, client.addr.ip(), &tried));
+            if let Some(next) = next {
+                endpoint = next;
+            }
+            if let Some(log) = exchange.log.as_mut() {
+                log.upstream = endpoint.addr().to_string();
+            }
         };
-        let (mut resp, pooled) = match result {
-            Ok(r) => r,
-            Err(e) => return upstream_error(service, e, Some(exchange)),
+        let (mut resp, pooled) = match last {
+            Attempt::Answered(resp, pooled) => (resp, pooled),
+            Attempt::Failed(Some(e)) => return upstream_error(service, e, Some(exchange)),
+            Attempt::Failed(None) => {
+                return respond::error(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-reset",
+                    "trellis: request could not be sent".into(),
+                    Some(exchange),
+                )
+            }
+            Attempt::TimedOut => {
+                return respond::error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream-timeout",
+                    format!(
+                        "trellis: service {} did not answer within the per-try timeout",
+                        service.key
+                    ),
+                    Some(exchange),
+                )
+            }
         };
-        let latency = in_flight.started().elapsed();
-        in_flight.finish(latency);
 
         let status = resp.status();
         exchange.status = status.as_u16();
@@ -544,6 +672,59 @@ async fn send(
             _ => Err(SendError::Upstream(addr, e.into_error())),
         },
     }
+}
+
+/// How one attempt of a request ended.
+enum Attempt {
+    /// A response head arrived.
+    Answered(Response<Incoming>, Option<H1Conn>),
+    /// No response head (`None`: the request could not even be built).
+    Failed(Option<SendError>),
+    /// The per-try timeout passed.
+    TimedOut,
+}
+
+/// The retry condition a failed exchange meets; `None` when the client's own request body
+/// failed (never retried).
+fn outcome_of(e: &SendError) -> Option<Outcome> {
+    match e {
+        SendError::Connect(_) => Some(Outcome::ConnectFailure),
+        SendError::Upstream(_, e) if e.is_user() => None,
+        SendError::Upstream(_, e) => {
+            // hyper keeps h2's reason private; its text names REFUSED_STREAM.
+            let mut source: Option<&dyn std::error::Error> = Some(e);
+            while let Some(err) = source {
+                if err.to_string().contains("refused stream") {
+                    return Some(Outcome::RefusedStream);
+                }
+                source = err.source();
+            }
+            Some(Outcome::Reset)
+        }
+    }
+}
+
+/// An endpoint for a retry, preferring one not `tried` yet when the service has several.
+fn repick(
+    service: &Service,
+    head: &http::request::Parts,
+    source: std::net::IpAddr,
+    tried: &[SocketAddr],
+) -> Option<Arc<EndpointConns>> {
+    let mut req = Request::new(());
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = head.uri.clone();
+    *req.headers_mut() = head.headers.clone();
+    let mut picked = None;
+    for _ in 0..3 {
+        let e = service.pick_for(&req, source).endpoint?;
+        let fresh = !tried.contains(&e.addr());
+        picked = Some(e);
+        if fresh || service.endpoints().len() < 2 {
+            break;
+        }
+    }
+    picked
 }
 
 fn upstream_error(

@@ -15,7 +15,8 @@ use crate::telemetry::Metrics;
 use http::uri::PathAndQuery;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 
-/// What an inbound listener enforces.
+/// What the inbound listeners enforce.
+#[derive(Default)]
 pub struct Inbound {
     /// This workload's identity (`By=` of `x-forwarded-client-cert`), if it has one.
     pub identity: Option<std::sync::Arc<str>>,
@@ -23,7 +24,13 @@ pub struct Inbound {
     pub authz: Authz,
     /// Its request authentication (JWT) rules.
     pub jwt: std::sync::Arc<JwtAuthn>,
+    /// The Mesh's `authorization.defaultDeny`: with no ALLOW policy for the workload,
+    /// requests are denied instead of allowed.
+    pub default_deny: bool,
 }
+
+/// The policy label of a denial by the Mesh's default-deny switch.
+const DEFAULT_DENY: &str = "mesh/default-deny";
 
 /// The Istio principal of a peer (`<trust domain>/ns/<ns>/sa/<sa>`).
 fn principal(client: &ClientConn) -> Option<String> {
@@ -68,7 +75,7 @@ impl Inbound {
             }
         }
         let jwt = self.authenticate(req)?;
-        if self.authz.is_empty() {
+        if self.authz.is_empty() && !self.default_deny {
             return Ok(());
         }
         let authority = req
@@ -102,7 +109,11 @@ impl Inbound {
             }),
             jwt: jwt.as_ref(),
         };
-        let d = self.authz.decide(&attrs);
+        let mut d = self.authz.decide(&attrs);
+        if self.default_deny && d.allowed && d.policy.is_none() {
+            d.allowed = false;
+            d.policy = Some(std::sync::Arc::from(DEFAULT_DENY));
+        }
         metrics.authz_decision(d.action_label(), d.policy_label());
         for audit in &d.audit {
             metrics.authz_decision("audit", audit);
@@ -166,7 +177,7 @@ impl Inbound {
 
     /// Checks a TCP connection (no HTTP attributes): `false` closes it.
     pub fn check_connection(&self, client: &ClientConn, metrics: &Metrics) -> bool {
-        if self.authz.is_empty() {
+        if self.authz.is_empty() && !self.default_deny {
             return true;
         }
         let principal = principal(client);
@@ -180,7 +191,11 @@ impl Inbound {
             http: None,
             jwt: None,
         };
-        let d = self.authz.decide(&attrs);
+        let mut d = self.authz.decide(&attrs);
+        if self.default_deny && d.allowed && d.policy.is_none() {
+            d.allowed = false;
+            d.policy = Some(std::sync::Arc::from(DEFAULT_DENY));
+        }
         metrics.authz_decision(d.action_label(), d.policy_label());
         if !d.allowed {
             tracing::info!(target: "trellis::authz", action = "deny", policy = d.policy_label(), source = principal.as_deref().unwrap_or("-"), client = %client.addr, "connection denied");

@@ -182,6 +182,8 @@ pub fn applies_to(
 
 /// The JWT rules of one workload, compiled: token locations, issuers, keys and outputs.
 /// Cheap to share behind an `Arc`; the key sets it reads are swapped in by [`JwksCache`].
+/// The default has no rules (every request passes as `NoToken`).
+#[derive(Default)]
 pub struct JwtAuthn {
     rules: Vec<Rule>,
     locations: Vec<Location>,

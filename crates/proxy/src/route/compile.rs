@@ -6,15 +6,20 @@
 //! one given wins (`trellis analyze` reports the conflict). Subsets come from the
 //! DestinationRule for the destination host: the endpoints whose labels include the subset's.
 //! Every cluster is balanced by the `trafficPolicy.loadBalancer` of the DestinationRule for
-//! its host, a subset's own overriding it; without one, by peak-EWMA P2C.
+//! its host, a subset's own overriding it; without one, by peak-EWMA P2C. Its
+//! `connectionPool` (circuit breaking) and `outlierDetection` are resolved the same way, each
+//! on its own (a subset with only a load balancer keeps the service's connection pool).
 
 use super::matcher::HttpMatch;
 use super::{
     Abort, Action, Backend, Edits, Fault, HeaderOps, Redirect, Rewrite, Route, VirtualHost,
 };
 use crate::balance::{policy_from, HashOn};
+use crate::resilience::retry::RetryPolicy;
+use crate::upstream::limits::ClusterLimits;
+use crate::upstream::outlier::OutlierConfig;
 use crate::upstream::pool::EndpointConns;
-use crate::upstream::{Balancing, Service};
+use crate::upstream::{Balancing, Resilience, Service};
 use http::{HeaderName, HeaderValue, StatusCode};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -77,11 +82,19 @@ pub fn compile(
             resolve(&r.spec.host, r.metadata.namespace()).as_ref() == Some(&key)
         })
     };
-    // Service level: the first rule for the service that sets a load balancer.
+    // Service level: the first rule for the service that sets a load balancer (and
+    // likewise a connection pool, and outlier detection).
     let service_balancing = |key: &ServiceKey| -> Balancing {
-        rules_for(key)
+        let mut b = rules_for(key)
             .find_map(|(_, b)| b.service.clone())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        b.resilience = Resilience {
+            limits: rules_for(key)
+                .find_map(|(_, b)| b.resilience[0].limits.clone())
+                .unwrap_or_default(),
+            outlier: rules_for(key).find_map(|(_, b)| b.resilience[0].outlier.clone()),
+        };
+        b
     };
     let base: HashMap<&ServiceKey, Arc<Service>> = clusters
         .iter()
@@ -98,13 +111,27 @@ pub fn compile(
             return s.clone();
         }
         let found = rules_for(key)
-            .flat_map(|(r, b)| r.spec.subsets.iter().zip(&b.subsets))
+            .flat_map(|(r, b)| {
+                let parts = b.subsets.iter().zip(&b.resilience[1..]);
+                r.spec.subsets.iter().zip(parts)
+            })
             .find(|(s, _)| s.name == name);
         let labels = found.map(|(s, _)| s.labels.clone());
-        // The subset's own load balancer, else the service's.
-        let lb = found
-            .and_then(|(_, b)| b.clone())
-            .unwrap_or_else(|| service_balancing(key));
+        // The subset's own load balancer, connection pool and outlier detection, each
+        // else the service's (as Istio merges a subset's traffic policy).
+        let service = service_balancing(key);
+        let mut lb = found
+            .and_then(|(_, (b, _))| b.clone())
+            .unwrap_or_else(|| service.clone());
+        lb.resilience = service.resilience;
+        if let Some((_, (_, own))) = found {
+            if let Some(l) = &own.limits {
+                lb.resilience.limits = l.clone();
+            }
+            if let Some(o) = &own.outlier {
+                lb.resilience.outlier = Some(o.clone());
+            }
+        }
         let spec = clusters.get(key);
         // An unknown subset gets no endpoints: requests to it fail with 503, as in Istio.
         let endpoints = match (spec, &labels) {
@@ -212,6 +239,15 @@ struct RuleBalancing {
     service: Option<Balancing>,
     /// `spec.subsets[i].trafficPolicy.loadBalancer`, for every subset in order.
     subsets: Vec<Option<Balancing>>,
+    /// `connectionPool` and `outlierDetection` of the service, then of every subset.
+    resilience: Vec<ResilienceParts>,
+}
+
+/// The `connectionPool` and `outlierDetection` one traffic policy sets.
+#[derive(Default)]
+struct ResilienceParts {
+    limits: Option<ClusterLimits>,
+    outlier: Option<OutlierConfig>,
 }
 
 /// The rule's load balancers, checked: errors name the rule and the field.
@@ -232,11 +268,68 @@ fn rule_balancing(r: &DestinationRule) -> Result<RuleBalancing, String> {
         }
         let (policy, hash_on) = policy_from(lb).map_err(|e| format!("{path}.{e}"))?;
         check_cookie(&hash_on).map_err(|e| format!("{path}.consistentHash.httpCookie.{e}"))?;
-        Ok(Some(Balancing { policy, hash_on }))
+        Ok(Some(Balancing::from((policy, hash_on))))
     });
     let service = all.next().transpose()?.flatten();
     let subsets = all.collect::<Result<Vec<_>, String>>()?;
-    Ok(RuleBalancing { service, subsets })
+    let resilience = traffic_policies(r)
+        .map(|(path, tp)| resilience_parts(&format!("{at}: {path}"), tp))
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(RuleBalancing {
+        service,
+        subsets,
+        resilience,
+    })
+}
+
+/// The enforced `connectionPool` and `outlierDetection` of a traffic policy; the subfields
+/// not enforced yet are refused by name.
+fn resilience_parts(path: &str, tp: Option<&TrafficPolicy>) -> Result<ResilienceParts, String> {
+    let Some(tp) = tp else {
+        return Ok(ResilienceParts::default());
+    };
+    let limits = match &tp.connection_pool {
+        None => None,
+        Some(cp) => {
+            let tcp = cp.tcp.clone().unwrap_or_default();
+            let http = cp.http.clone().unwrap_or_default();
+            for (field, set) in [
+                ("tcp.tcpKeepalive", tcp.tcp_keepalive.is_some()),
+                (
+                    "tcp.maxConnectionDuration",
+                    tcp.max_connection_duration.is_some(),
+                ),
+                ("http.maxRetries", http.max_retries.is_some()),
+                ("http.h2UpgradePolicy", http.h2_upgrade_policy.is_some()),
+                ("http.useClientProtocol", http.use_client_protocol.is_some()),
+                (
+                    "http.maxConcurrentStreams",
+                    http.max_concurrent_streams.is_some(),
+                ),
+            ] {
+                if set {
+                    return Err(format!(
+                        "{path}.connectionPool.{field}: not enforced by this proxy yet"
+                    ));
+                }
+            }
+            // 0 means no limit (Istio's default), as does leaving a field out.
+            let limit = |v: Option<u32>| v.filter(|&v| v > 0);
+            let time = |v: Option<trellis_api::duration::Duration>| {
+                v.map(|d| d.0).filter(|d| !d.is_zero())
+            };
+            Some(ClusterLimits {
+                max_connections: limit(tcp.max_connections),
+                max_pending: limit(http.http1_max_pending_requests),
+                max_requests: limit(http.http2_max_requests),
+                max_requests_per_connection: limit(http.max_requests_per_connection),
+                connect_timeout: time(tcp.connect_timeout),
+                idle_timeout: time(http.idle_timeout).or(time(tcp.idle_timeout)),
+            })
+        }
+    };
+    let outlier = tp.outlier_detection.as_ref().map(OutlierConfig::from);
+    Ok(ResilienceParts { limits, outlier })
 }
 
 /// A cookie policy's cookie must be one a client can send back (`name` an RFC 6265 token)
@@ -264,8 +357,6 @@ fn not_enforced_rule(r: &DestinationRule) -> Result<(), String> {
     for (path, tp) in traffic_policies(r) {
         let Some(tp) = tp else { continue };
         for (field, set) in [
-            ("connectionPool", tp.connection_pool.is_some()),
-            ("outlierDetection", tp.outlier_detection.is_some()),
             ("tls", tp.tls.is_some()),
             ("portLevelSettings", !tp.port_level_settings.is_empty()),
         ] {
@@ -294,7 +385,6 @@ fn compile_route(
     };
     // Never silently ignored: what this proxy does not enforce yet is refused by name.
     for (field, set) in [
-        ("retries", r.retries.is_some()),
         ("mirror", r.mirror.is_some() || !r.mirrors.is_empty()),
         ("corsPolicy", r.cors_policy.is_some()),
         (
@@ -381,6 +471,10 @@ fn compile_route(
         }
         Action::Forward(backends)
     };
+    let retry = match &r.retries {
+        Some(retries) => RetryPolicy::compile(retries).map_err(|e| at(&format!(".retries.{e}")))?,
+        None => None,
+    };
     let rewrite = match &r.rewrite {
         Some(rw) => Some(Rewrite {
             uri: rw.uri.clone(),
@@ -401,6 +495,7 @@ fn compile_route(
         headers: header_ops(r.headers.as_ref()).map_err(|e| format!("{}: {e}", at(".headers")))?,
         rewrite,
         fault: r.fault.as_ref().map(fault),
+        retry,
     })
 }
 
@@ -627,6 +722,35 @@ spec:
     }
 
     #[test]
+    fn connection_pools_and_outlier_detection_resolve_per_subset() {
+        let made = compile_with(&rule(
+            "trafficPolicy: { connectionPool: { tcp: { maxConnections: 100, connectTimeout: 10s }, http: { http1MaxPendingRequests: 50, http2MaxRequests: 0, maxRequestsPerConnection: 10, idleTimeout: 60s } } }",
+            "trafficPolicy: { loadBalancer: { simple: RANDOM }, outlierDetection: { consecutive5xxErrors: 3, baseEjectionTime: 2s } }",
+        ))
+        .unwrap();
+        let service = &made[0].1.resilience;
+        let want = ClusterLimits {
+            max_connections: Some(100),
+            max_pending: Some(50),
+            max_requests: None,
+            max_requests_per_connection: Some(10),
+            connect_timeout: Some(Duration::from_secs(10)),
+            idle_timeout: Some(Duration::from_secs(60)),
+        };
+        assert_eq!(service.limits, want);
+        assert_eq!(service.outlier, None);
+        // v1: its own load balancer and outlier detection, the service's connection pool.
+        let v1 = &made[1].1;
+        assert_eq!(v1.policy, Policy::Random);
+        assert_eq!(v1.resilience.limits, want);
+        let od = v1.resilience.outlier.as_ref().unwrap();
+        assert_eq!(od.consecutive_5xx, 3);
+        assert_eq!(od.base_ejection_time, Duration::from_secs(2));
+        // v2: the service's.
+        assert_eq!(made[2].1.resilience, *service);
+    }
+
+    #[test]
     fn a_rule_for_another_host_does_not_apply() {
         let other = rule("trafficPolicy: { loadBalancer: { simple: RANDOM } }", "")
             .replace("host: users", "host: grades");
@@ -669,9 +793,14 @@ spec:
                 "spec.trafficPolicy.loadBalancer.warmupDurationSecs: not enforced by this proxy yet",
             ),
             (
-                "trafficPolicy: { loadBalancer: { simple: RANDOM }, connectionPool: { tcp: { maxConnections: 1 } } }",
+                "trafficPolicy: { loadBalancer: { simple: RANDOM }, connectionPool: { tcp: { maxConnections: 1, tcpKeepalive: { time: 10s } } } }",
                 "",
-                "spec.trafficPolicy.connectionPool: not enforced by this proxy yet",
+                "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive: not enforced by this proxy yet",
+            ),
+            (
+                "",
+                "trafficPolicy: { connectionPool: { http: { maxConcurrentStreams: 10 } } }",
+                "spec.subsets[0].trafficPolicy.connectionPool.http.maxConcurrentStreams: not enforced by this proxy yet",
             ),
         ] {
             let err = compile_with(&rule(tp, v1)).unwrap_err();

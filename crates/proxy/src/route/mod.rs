@@ -11,6 +11,7 @@
 pub mod compile;
 pub mod matcher;
 
+use crate::resilience::retry::RetryPolicy;
 use crate::upstream::Service;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use matcher::{HttpMatch, MatchContext};
@@ -44,6 +45,8 @@ pub struct Route {
     pub rewrite: Option<Rewrite>,
     /// Injected delay and abort.
     pub fault: Option<Fault>,
+    /// Retries of failed attempts (`retries`); `timeout` bounds them all.
+    pub retry: Option<RetryPolicy>,
 }
 
 /// What a matched route does.

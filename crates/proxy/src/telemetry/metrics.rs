@@ -100,6 +100,21 @@ struct Families {
     tcp_bytes: Family<TcpLabels, Counter>,
     tls_failures: Family<ReasonLabels, Counter>,
     authz: Family<AuthzLabels, Counter>,
+    retries: Family<DestinationLabels, Counter>,
+    retry_budget_exhausted: Family<DestinationLabels, Counter>,
+    overflow: Family<KindLabels, Counter>,
+    outlier_ejections: Family<DestinationLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DestinationLabels {
+    destination_service: Arc<str>,
+    destination_namespace: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -132,6 +147,10 @@ impl Metrics {
             tcp_bytes: Family::default(),
             tls_failures: Family::default(),
             authz: Family::default(),
+            retries: Family::default(),
+            retry_budget_exhausted: Family::default(),
+            overflow: Family::default(),
+            outlier_ejections: Family::default(),
         });
         let mut registry = Registry::default();
         registry.register(
@@ -168,6 +187,26 @@ impl Metrics {
             "trellis_authz_decisions",
             "Authorization decisions of the inbound side, by action and deciding policy",
             families.authz.clone(),
+        );
+        registry.register(
+            "trellis_retries",
+            "Requests sent again after a failed attempt, by destination",
+            families.retries.clone(),
+        );
+        registry.register(
+            "trellis_retry_budget_exhausted",
+            "Retries not made because the destination's retry budget was spent",
+            families.retry_budget_exhausted.clone(),
+        );
+        registry.register(
+            "trellis_overflow",
+            "Requests refused at once by a cluster's connectionPool limits, by kind",
+            families.overflow.clone(),
+        );
+        registry.register(
+            "trellis_outlier_ejections",
+            "Endpoints ejected by outlier detection, by destination",
+            families.outlier_ejections.clone(),
         );
         registry.register_collector(Box::new(super::process::ProcessCollector::new()));
         let config_version = prometheus_client::metrics::gauge::Gauge::default();
@@ -349,6 +388,45 @@ impl HttpStats {
     /// `inbound` or `outbound`.
     pub fn direction(&self) -> Direction {
         self.direction
+    }
+
+    fn destination_labels(&self) -> DestinationLabels {
+        DestinationLabels {
+            destination_service: self.destination.service.clone(),
+            destination_namespace: self.destination.namespace.clone(),
+        }
+    }
+
+    /// Counts a retry to this destination (`trellis_retries_total`).
+    pub fn retried(&self) {
+        let labels = self.destination_labels();
+        self.families.retries.get_or_create(&labels).inc();
+    }
+
+    /// Counts a retry refused by the destination's budget
+    /// (`trellis_retry_budget_exhausted_total`).
+    pub fn retry_budget_exhausted(&self) {
+        let labels = self.destination_labels();
+        self.families
+            .retry_budget_exhausted
+            .get_or_create(&labels)
+            .inc();
+    }
+
+    /// Counts a request refused by a connection pool limit (`trellis_overflow_total`;
+    /// `kind`: `connections`, `pending` or `requests`).
+    pub fn overflow(&self, kind: &'static str) {
+        self.families
+            .overflow
+            .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    /// Counts an endpoint of this destination ejected by outlier detection
+    /// (`trellis_outlier_ejections_total`).
+    pub fn outlier_ejected(&self) {
+        let labels = self.destination_labels();
+        self.families.outlier_ejections.get_or_create(&labels).inc();
     }
 
     fn duration_labels(&self, key: &SeriesKey) -> DurationLabels {

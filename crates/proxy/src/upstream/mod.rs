@@ -1,11 +1,15 @@
 //! Upstream services: their endpoints, how one is picked, and name lookup by host.
 
+pub mod limits;
+pub mod outlier;
 pub mod pool;
 
 use crate::balance::{hash_key, Balancer, HashOn, Policy};
 use crate::route::VirtualHost;
 use crate::telemetry::metrics::{HttpStats, Peer};
 use http::HeaderValue;
+use limits::{ClusterLimits, Limiter, Overflow, Permit};
+use outlier::{Outcome, OutlierConfig, OutlierDetector};
 use pool::EndpointConns;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -14,18 +18,34 @@ use std::time::Duration;
 use trellis_api::names::{HostName, ServiceKey};
 
 /// How a cluster spreads requests over its endpoints: the policy, and what a
-/// consistent-hash policy hashes. The default is peak-EWMA P2C.
+/// consistent-hash policy hashes. The default is peak-EWMA P2C. Also carries the cluster's
+/// circuit breaking and outlier detection ([`Resilience`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Balancing {
     /// The algorithm.
     pub policy: Policy,
     /// The affinity key of a consistent-hash policy ([`HashOn::None`] otherwise).
     pub hash_on: HashOn,
+    /// Connection pool limits and outlier detection.
+    pub resilience: Resilience,
+}
+
+/// A cluster's DestinationRule `connectionPool` and `outlierDetection`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resilience {
+    /// Circuit breaking limits (default: none).
+    pub limits: ClusterLimits,
+    /// Outlier detection (`None`: off).
+    pub outlier: Option<OutlierConfig>,
 }
 
 impl From<(Policy, HashOn)> for Balancing {
     fn from((policy, hash_on): (Policy, HashOn)) -> Self {
-        Self { policy, hash_on }
+        Self {
+            policy,
+            hash_on,
+            resilience: Resilience::default(),
+        }
     }
 }
 
@@ -42,11 +62,17 @@ pub struct Service {
     pub timeout: Option<Duration>,
     /// Request metrics for traffic to this service.
     pub stats: Arc<HttpStats>,
+    /// Retries allowed to this cluster (shared by every route that sends here).
+    pub retry_budget: crate::resilience::budget::RetryBudget,
     balancer: Balancer<EndpointConns>,
     hash_on: HashOn,
     /// For a cookie policy with a `ttl`: what follows `name=value` in a generated cookie's
     /// `Set-Cookie` (`; Path=..; Max-Age=..; HttpOnly`).
     cookie_attributes: Option<String>,
+    /// Circuit breaking: admission of requests.
+    limiter: Limiter,
+    /// Ejection of failing endpoints (by index in [`Service::endpoints`]).
+    outlier: Option<OutlierDetector>,
 }
 
 /// The endpoint [`Service::pick_for`] chose for a request.
@@ -73,9 +99,12 @@ impl Service {
             subset: None,
             timeout,
             stats,
+            retry_budget: Default::default(),
             balancer: Balancer::new(Policy::default(), endpoints),
             hash_on: HashOn::None,
             cookie_attributes: None,
+            limiter: Limiter::default(),
+            outlier: None,
         }
     }
 
@@ -106,7 +135,61 @@ impl Service {
             _ => None,
         };
         self.hash_on = balancing.hash_on;
+        let Resilience { limits, outlier } = balancing.resilience;
+        for ep in self.balancer.endpoints().iter() {
+            ep.tune(
+                limits.connect_timeout,
+                limits.idle_timeout,
+                limits.max_requests_per_connection,
+            );
+        }
+        self.limiter = Limiter::new(limits);
+        self.outlier = outlier.map(|cfg| OutlierDetector::new(cfg, self.endpoints().len()));
         self
+    }
+
+    /// Admits a request under the cluster's `connectionPool` limits (see [`limits`]); an
+    /// overflow is counted in `trellis_overflow_total{kind}`. Hold the permit until the
+    /// response ends.
+    pub async fn admit(&self) -> Result<Permit, Overflow> {
+        let admitted = self.limiter.admit().await;
+        if let Err(o) = &admitted {
+            self.stats.overflow(o.kind());
+        }
+        admitted
+    }
+
+    /// The enforced `connectionPool` settings.
+    pub fn limits(&self) -> &ClusterLimits {
+        self.limiter.limits()
+    }
+
+    /// Reports the result of an exchange with `endpoint` to outlier detection; an ejection
+    /// is counted in `trellis_outlier_ejections_total`.
+    pub fn report(&self, endpoint: &Arc<EndpointConns>, outcome: Outcome) {
+        let Some(od) = &self.outlier else { return };
+        let Some(i) = self
+            .endpoints()
+            .iter()
+            .position(|e| Arc::ptr_eq(e, endpoint))
+        else {
+            return;
+        };
+        if od.report(i, outcome) {
+            self.stats.outlier_ejected();
+            tracing::info!(service = %self.key, endpoint = %endpoint.addr(), ?outcome, "endpoint ejected by outlier detection");
+        }
+    }
+
+    /// Whether `endpoint` is ejected by outlier detection now.
+    pub fn is_ejected(&self, endpoint: &Arc<EndpointConns>) -> bool {
+        let Some(od) = &self.outlier else {
+            return false;
+        };
+        self.endpoints()
+            .iter()
+            .position(|e| Arc::ptr_eq(e, endpoint))
+            .is_some_and(|i| od.is_ejected(i))
     }
 
     /// The balancing policy.
@@ -122,8 +205,14 @@ impl Service {
     /// The endpoint for the next request; `None` when the service has none. `hash_key`
     /// (from [`Service::hash_key`]) is what consistent-hash policies hash; the others
     /// ignore it, and consistent hashing without one picks at random.
+    /// Endpoints ejected by outlier detection are skipped while others are in service.
     pub fn pick(&self, hash_key: Option<u64>) -> Option<&Arc<EndpointConns>> {
-        self.balancer.pick_endpoint(hash_key)
+        let first = self.balancer.pick(hash_key)?;
+        let i = match &self.outlier {
+            Some(od) => od.choose(first, || self.balancer.pick(hash_key)),
+            None => first,
+        };
+        self.endpoints().get(i)
     }
 
     /// The affinity hash of a request from `source` under this service's consistent-hash
@@ -282,6 +371,7 @@ mod tests {
                 path: Some("/".into()),
                 ttl,
             },
+            resilience: Resilience::default(),
         }
     }
 

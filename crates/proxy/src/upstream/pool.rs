@@ -16,6 +16,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -102,6 +103,7 @@ impl Pool {
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
             stats: EndpointStats::new(),
+            tuning: Tuning::default(),
         });
         map.insert(key, Arc::downgrade(&ep));
         ep
@@ -129,11 +131,31 @@ impl Pool {
 struct IdleH1 {
     tx: http1::SendRequest<RequestBody>,
     since: Instant,
+    /// Requests sent on it so far.
+    requests: u32,
 }
 
 struct SharedH2 {
     tx: http2::SendRequest<RequestBody>,
     last_used: Instant,
+    /// Streams opened on it so far.
+    requests: u32,
+}
+
+/// Per-endpoint overrides of the pool settings, from the `connectionPool` of the cluster
+/// listing it (0: the pool's setting / no limit). Set whenever a config builds its clusters.
+#[derive(Default)]
+struct Tuning {
+    connect_timeout_ms: AtomicU64,
+    idle_timeout_ms: AtomicU64,
+    max_requests_per_connection: AtomicU32,
+}
+
+/// Millisecond value of an override (0: none; a non-zero duration is at least 1 ms).
+fn millis(d: Option<Duration>) -> u64 {
+    d.map_or(0, |d| {
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    })
 }
 
 /// The pooled connections of one endpoint address.
@@ -147,6 +169,7 @@ pub struct EndpointConns {
     h2_connecting: tokio::sync::Mutex<()>,
     /// Requests in flight and latency, for the load balancers of every cluster listing it.
     stats: EndpointStats,
+    tuning: Tuning,
 }
 
 /// An HTTP/1 connection checked out of the pool. Hand it back with [`H1Conn::release`] once
@@ -157,12 +180,14 @@ pub struct H1Conn {
     /// Whether it came from the idle stack (and so may have been closed by the peer).
     pub reused: bool,
     endpoint: Arc<EndpointConns>,
+    /// Requests sent on it, this one included.
+    requests: u32,
 }
 
 impl H1Conn {
     /// Returns the connection to its endpoint's idle stack.
     pub fn release(self) {
-        if self.tx.is_closed() {
+        if self.tx.is_closed() || self.endpoint.used_up(self.requests) {
             return;
         }
         let mut idle = self
@@ -173,6 +198,7 @@ impl H1Conn {
         idle.push(IdleH1 {
             tx: self.tx,
             since: Instant::now(),
+            requests: self.requests,
         });
     }
 }
@@ -189,6 +215,47 @@ impl EndpointConns {
         &self.stats
     }
 
+    /// Applies a cluster's `connectionPool` settings to this endpoint's connections:
+    /// connect timeout, idle timeout and requests per connection (`None`: the pool's
+    /// settings, no limit). An endpoint listed by several clusters takes the last applied.
+    pub fn tune(
+        &self,
+        connect_timeout: Option<Duration>,
+        idle_timeout: Option<Duration>,
+        max_requests_per_connection: Option<u32>,
+    ) {
+        let t = &self.tuning;
+        t.connect_timeout_ms
+            .store(millis(connect_timeout), Ordering::Relaxed);
+        t.idle_timeout_ms
+            .store(millis(idle_timeout), Ordering::Relaxed);
+        t.max_requests_per_connection
+            .store(max_requests_per_connection.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    fn connect_timeout(&self) -> Duration {
+        match self.tuning.connect_timeout_ms.load(Ordering::Relaxed) {
+            0 => self.cfg.connect_timeout,
+            ms => Duration::from_millis(ms),
+        }
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        match self.tuning.idle_timeout_ms.load(Ordering::Relaxed) {
+            0 => self.cfg.idle_timeout,
+            ms => Duration::from_millis(ms),
+        }
+    }
+
+    /// Whether a connection that carried `requests` requests may carry no more.
+    fn used_up(&self, requests: u32) -> bool {
+        let max = self
+            .tuning
+            .max_requests_per_connection
+            .load(Ordering::Relaxed);
+        max > 0 && requests >= max
+    }
+
     /// Whether connections to this endpoint are mTLS.
     pub fn is_mtls(&self) -> bool {
         self.tls.is_some()
@@ -197,12 +264,12 @@ impl EndpointConns {
     /// A new connection within the connect timeout, mTLS when the endpoint has an identity.
     pub async fn connect(&self, usage: UpstreamUse) -> Result<UpstreamIo, ConnectError> {
         let addr = self.addr;
-        let tcp =
-            match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr)).await {
-                Err(_) => return Err(ConnectError::Timeout(addr)),
-                Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
-                Ok(Ok(s)) => s,
-            };
+        let tcp = match tokio::time::timeout(self.connect_timeout(), TcpStream::connect(addr)).await
+        {
+            Err(_) => return Err(ConnectError::Timeout(addr)),
+            Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
+            Ok(Ok(s)) => s,
+        };
         let _ = tcp.set_nodelay(true);
         match &self.tls {
             None => Ok(Either::Left(tcp)),
@@ -223,7 +290,7 @@ impl EndpointConns {
         loop {
             let popped = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
             let Some(mut idle) = popped else { break };
-            if idle.tx.is_closed() || idle.since.elapsed() >= self.cfg.idle_timeout {
+            if idle.tx.is_closed() || idle.since.elapsed() >= self.idle_timeout() {
                 continue;
             }
             if idle.tx.ready().await.is_ok() {
@@ -231,6 +298,7 @@ impl EndpointConns {
                     tx: idle.tx,
                     reused: true,
                     endpoint: self.clone(),
+                    requests: idle.requests.saturating_add(1),
                 });
             }
         }
@@ -256,6 +324,7 @@ impl EndpointConns {
             tx,
             reused: false,
             endpoint: self.clone(),
+            requests: 1,
         })
     }
 
@@ -287,6 +356,7 @@ impl EndpointConns {
         *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(SharedH2 {
             tx: tx.clone(),
             last_used: Instant::now(),
+            requests: 1,
         });
         Ok(tx)
     }
@@ -294,8 +364,11 @@ impl EndpointConns {
     fn live_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
         let mut slot = self.h2.lock().unwrap_or_else(|e| e.into_inner());
         match slot.as_mut() {
-            Some(h2) if !h2.tx.is_closed() => {
+            // A connection that carried its `maxRequestsPerConnection` is dropped from the
+            // pool; it closes once its last stream ends.
+            Some(h2) if !h2.tx.is_closed() && !self.used_up(h2.requests) => {
                 h2.last_used = Instant::now();
+                h2.requests = h2.requests.saturating_add(1);
                 Some(h2.tx.clone())
             }
             _ => {
@@ -306,7 +379,7 @@ impl EndpointConns {
     }
 
     fn close_idle(&self) {
-        let idle_timeout = self.cfg.idle_timeout;
+        let idle_timeout = self.idle_timeout();
         self.h1_idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -391,6 +464,34 @@ mod tests {
         ep.close_idle();
         assert_eq!(ep.idle_h1(), 0, "idle past the timeout: closed");
         assert!(!ep.h1().await.unwrap().reused);
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_retired_after_max_requests_per_connection() {
+        let pool = Pool::new(PoolConfig {
+            metrics: Arc::default(),
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+        });
+        let ep = pool.endpoint(server().await, None);
+        ep.tune(None, Some(Duration::from_millis(100)), Some(2));
+        assert_eq!(ep.idle_timeout(), Duration::from_millis(100));
+        let mut c = ep.h1().await.unwrap();
+        get(&mut c).await;
+        c.release();
+        let mut c = ep.h1().await.unwrap();
+        assert!(c.reused);
+        get(&mut c).await;
+        c.release();
+        assert_eq!(ep.idle_h1(), 0, "two requests: retired, not pooled");
+        assert!(!ep.h1().await.unwrap().reused);
+        ep.tune(None, None, None);
+        assert_eq!(
+            ep.idle_timeout(),
+            Duration::from_secs(60),
+            "back to the pool's"
+        );
+        assert!(!ep.used_up(1000));
     }
 
     #[tokio::test]

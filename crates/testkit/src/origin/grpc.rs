@@ -26,7 +26,8 @@ use pb::echo_server::{Echo, EchoServer};
 /// A running gRPC origin; stops when dropped (open bidi streams end, connections get GOAWAY).
 ///
 /// `Unary` echoes the message, or fails with `FAILED_PRECONDITION` and the text after the
-/// prefix when the message starts with `fail:`. `Bidi` echoes each message as it arrives and
+/// prefix when the message starts with `fail:`; a message `unavailable-once:{key}` fails with
+/// `UNAVAILABLE` the first time the origin sees that key, then echoes (retry tests). `Bidi` echoes each message as it arrives and
 /// ends the stream with `ABORTED` ("bidi fail") on the message `fail`.
 #[derive(Debug)]
 pub struct GrpcOrigin {
@@ -41,6 +42,7 @@ impl GrpcOrigin {
         let (tasks, guard) = Tasks::new();
         let service = EchoServer::new(EchoService {
             shutdown: tasks.token().clone(),
+            seen: Default::default(),
         });
         tasks.spawn(async move {
             let served = Server::builder()
@@ -66,6 +68,8 @@ impl GrpcOrigin {
 struct EchoService {
     /// Cancelled when the origin drops, so open bidi streams end with it.
     shutdown: CancellationToken,
+    /// Keys of `unavailable-once:` messages already failed.
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
@@ -74,6 +78,16 @@ type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>
 impl Echo for EchoService {
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         let message = request.into_inner().message;
+        if let Some(key) = message.strip_prefix("unavailable-once:") {
+            let first = self
+                .seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.to_owned());
+            if first {
+                return Err(Status::unavailable("try again"));
+            }
+        }
         match message.strip_prefix("fail:") {
             Some(reason) => Err(Status::new(Code::FailedPrecondition, reason)),
             None => Ok(Response::new(EchoReply { message })),

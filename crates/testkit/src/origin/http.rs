@@ -4,17 +4,20 @@
 //! - `/echo...` (any method): 200 JSON describing the request as received (see [`HttpOrigin`]).
 //! - `/status/{code}`: that status with body `status {code}`.
 //! - `/slow/{ms}`: sleeps, then 200 `slow`.
+//! - `/fail-first/{key}/{n}/{code}`: status `code` for the first `n` requests with that `key`
+//!   (counted per origin), then 200 `ok`; for retry tests.
 //! - `/stream/{bytes}`: 200 with exactly that many `x` bytes, streamed in 64 KiB chunks.
 //! - `/upload`: reads the body and answers 200 with its byte count as text.
 //! - `/trailers`: 200 `ok` followed by the trailer `x-trailer: yes` (HTTP/1.1 needs `TE: trailers`).
 //! - `/ws`: WebSocket echo (HTTP/1.1 upgrade).
 //! - anything else: 404.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -64,7 +67,7 @@ pub struct HttpOrigin {
 impl HttpOrigin {
     /// Binds an ephemeral loopback port and starts serving.
     pub async fn start() -> io::Result<Self> {
-        Self::start_inner(None, Duration::ZERO).await
+        Self::start_inner(None, Duration::ZERO, None).await
     }
 
     /// Like [`HttpOrigin::start`], but every response carries `x-origin: {name}` so tests can
@@ -72,7 +75,7 @@ impl HttpOrigin {
     pub async fn start_with_name(name: &str) -> io::Result<Self> {
         let name = HeaderValue::from_str(name)
             .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
-        Self::start_inner(Some(name), Duration::ZERO).await
+        Self::start_inner(Some(name), Duration::ZERO, None).await
     }
 
     /// Like [`HttpOrigin::start_with_name`], but every response (any route) is delayed by
@@ -80,18 +83,34 @@ impl HttpOrigin {
     pub async fn start_with_delay(name: &str, delay: Duration) -> io::Result<Self> {
         let name = HeaderValue::from_str(name)
             .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
-        Self::start_inner(Some(name), delay).await
+        Self::start_inner(Some(name), delay, None).await
     }
 
-    async fn start_inner(name: Option<HeaderValue>, delay: Duration) -> io::Result<Self> {
+    /// Like [`HttpOrigin::start_with_name`], but it answers `status` (body `failing`) to
+    /// every request, whatever the route: a broken endpoint for outlier-detection tests.
+    pub async fn start_failing(name: &str, status: u16) -> io::Result<Self> {
+        let name = HeaderValue::from_str(name)
+            .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+        let status = StatusCode::from_u16(status)
+            .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+        Self::start_inner(Some(name), Duration::ZERO, Some(status)).await
+    }
+
+    async fn start_inner(
+        name: Option<HeaderValue>,
+        delay: Duration,
+        fail_with: Option<StatusCode>,
+    ) -> io::Result<Self> {
         let (listener, addr) = bind_loopback().await?;
         let (tasks, guard) = Tasks::new();
         let requests = Arc::new(AtomicU64::new(0));
         let origin = Arc::new(Origin {
             name,
             delay,
+            fail_with,
             requests: Arc::clone(&requests),
             tasks: tasks.clone(),
+            fail_first: Mutex::new(HashMap::new()),
         });
         tasks.accept_loop(listener, move |stream| {
             serve_connection(stream, Arc::clone(&origin))
@@ -119,8 +138,12 @@ struct Origin {
     name: Option<HeaderValue>,
     /// Added before every response.
     delay: Duration,
+    /// Answered to every request instead of its route.
+    fail_with: Option<StatusCode>,
     requests: Arc<AtomicU64>,
     tasks: Tasks,
+    /// Requests seen per `/fail-first/{key}/..` key.
+    fail_first: Mutex<HashMap<String, u64>>,
 }
 
 async fn serve_connection(stream: TcpStream, origin: Arc<Origin>) {
@@ -144,7 +167,10 @@ impl Origin {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        let mut response = self.route(req).await;
+        let mut response = match self.fail_with {
+            Some(code) => text(code, "failing"),
+            None => self.route(req).await,
+        };
         if let Some(name) = &self.name {
             response
                 .headers_mut()
@@ -164,6 +190,9 @@ impl Origin {
         if let Some(ms) = path.strip_prefix("/slow/") {
             return slow(ms).await;
         }
+        if let Some(spec) = path.strip_prefix("/fail-first/") {
+            return self.fail_first(spec);
+        }
         if let Some(len) = path.strip_prefix("/stream/") {
             return stream_bytes(len);
         }
@@ -172,6 +201,32 @@ impl Origin {
             "/trailers" => trailers(),
             "/ws" => self.websocket(req),
             _ => text(StatusCode::NOT_FOUND, "not found"),
+        }
+    }
+
+    /// `{key}/{n}/{code}`: `code` while fewer than `n` requests with `key` came before.
+    fn fail_first(&self, spec: &str) -> Response<Body> {
+        let mut parts = spec.splitn(3, '/');
+        let (Some(key), Some(Ok(n)), Some(code)) = (
+            parts.next(),
+            parts.next().map(str::parse::<u64>),
+            parts.next(),
+        ) else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "expected /fail-first/{key}/{n}/{code}",
+            );
+        };
+        let seen = {
+            let mut map = self.fail_first.lock().unwrap_or_else(|e| e.into_inner());
+            let seen = map.entry(key.to_owned()).or_insert(0);
+            *seen += 1;
+            *seen
+        };
+        if seen <= n {
+            status(code)
+        } else {
+            text(StatusCode::OK, "ok")
         }
     }
 
