@@ -77,6 +77,7 @@ impl Compiled {
         }
         let mut docs = Vec::new();
         let mut skipped = Vec::new();
+        let mut mesh_root = None;
         for (key, json) in resources {
             let (loaded, errors) = trellis_api::resources::parse(std::path::Path::new(key), json);
             if !errors.is_empty() {
@@ -84,6 +85,10 @@ impl Compiled {
                 continue;
             }
             for l in loaded {
+                if let Resource::Mesh(m) = &l.resource {
+                    // The Mesh resource names the root namespace; it wins over the flag.
+                    mesh_root = Some(m.spec.root_namespace.clone());
+                }
                 let policy_scope = match &l.resource {
                     Resource::PeerAuthentication(p) => {
                         Some((p.metadata.namespace().to_string(), p.spec.selector.clone()))
@@ -124,7 +129,7 @@ impl Compiled {
             services_hash: h.finish(),
             counts,
             docs,
-            root_namespace: root_namespace.to_string(),
+            root_namespace: mesh_root.unwrap_or_else(|| root_namespace.to_string()),
             skipped,
         }
     }
@@ -240,4 +245,86 @@ fn entry_services(se: &ServiceEntry) -> Vec<Service> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::PortInfo;
+
+    fn workload(ns: &str, app: &str) -> Workload {
+        Workload {
+            instance: format!("{app}-1"),
+            service: app.into(),
+            namespace: ns.into(),
+            identity: format!("spiffe://cluster.local/ns/{ns}/sa/{app}"),
+            address: "127.0.0.1".into(),
+            ports: vec![PortInfo {
+                port: 8080,
+                protocol: "http1".into(),
+            }],
+            labels: [("app".to_string(), app.to_string())].into(),
+            ready: true,
+            replica: "r".into(),
+            connected_at: 0,
+            session: String::new(),
+        }
+    }
+
+    fn pa(name: &str, ns: &str, selector: Option<&str>) -> (String, String) {
+        let sel = selector.map_or(String::new(), |a| {
+            format!("  selector: {{ matchLabels: {{ app: {a} }} }}\n")
+        });
+        (
+            format!("resources/PeerAuthentication/{ns}/{name}"),
+            format!("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{ name: {name}, namespace: {ns} }}\nspec:\n{sel}  mtls: {{ mode: STRICT }}\n"),
+        )
+    }
+
+    #[test]
+    fn each_proxy_gets_only_the_policies_that_select_it() {
+        let docs = vec![
+            pa("mesh-wide", "istio-system", None),
+            pa("ns-wide", "edtech", None),
+            pa("for-web", "edtech", Some("web")),
+            pa("for-api", "edtech", Some("api")),
+            pa("elsewhere", "billing", None),
+        ];
+        let ws = [workload("edtech", "web"), workload("edtech", "api")];
+        let c = Compiled::build(7, &docs, &ws, "istio-system");
+        let (snap, fp) = c.for_proxy(&ws[0]);
+        let names: Vec<bool> = ["mesh-wide", "ns-wide", "for-web", "for-api", "elsewhere"]
+            .iter()
+            .map(|n| {
+                snap.resources
+                    .iter()
+                    .any(|r| r.contains(&format!("name: {n},")))
+            })
+            .collect();
+        assert_eq!(names, [true, true, true, false, false]);
+        assert_eq!(snap.version, 7);
+        let list = ServiceList::decode(snap.services.clone()).unwrap();
+        assert_eq!(list.services.len(), 2);
+        let (_, fp_api) = c.for_proxy(&ws[1]);
+        assert_ne!(fp, fp_api, "different policies, different fingerprints");
+        assert_eq!(c.for_proxy(&ws[0]).1, fp, "same content, same fingerprint");
+    }
+
+    #[test]
+    fn the_mesh_resource_names_the_root_namespace() {
+        let mut docs = vec![pa("mesh-wide", "trellis-system", None)];
+        let ws = [workload("edtech", "web")];
+        let c = Compiled::build(1, &docs, &ws, "istio-system");
+        assert!(c.for_proxy(&ws[0]).0.resources.is_empty());
+        docs.push((
+            "resources/Mesh/default/mesh".into(),
+            "apiVersion: trellis.dev/v1alpha1\nkind: Mesh\nmetadata: { name: mesh }\nspec:\n  rootNamespace: trellis-system\n".into(),
+        ));
+        let c = Compiled::build(2, &docs, &ws, "istio-system");
+        assert_eq!(
+            c.for_proxy(&ws[0]).0.resources.len(),
+            2,
+            "mesh-wide policy and the Mesh"
+        );
+    }
 }
