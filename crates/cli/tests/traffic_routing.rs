@@ -131,6 +131,41 @@ async fn virtual_services_route_split_rewrite_and_fail_as_configured() {
     )
     .await;
 
+    // The compiled routes and clusters are visible in the admin /config.
+    let (_, cfg) = frontend.admin_get("/config").await;
+    let cfg: Value = serde_json::from_str(&cfg).unwrap();
+    let host = cfg["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == "user-profile.edtech")
+        .unwrap()
+        .clone();
+    let names: Vec<&str> = host["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "direct",
+            "moved",
+            "broken",
+            "slow",
+            "legacy",
+            "canary-header",
+            "split"
+        ]
+    );
+    let split = &host["routes"][6]["action"]["forward"];
+    assert_eq!(split[0]["weight"], 75);
+    assert_eq!(split[1]["cluster"]["subset"], "v2");
+    assert_eq!(
+        split[1]["cluster"]["endpoints"].as_array().unwrap().len(),
+        1
+    );
     let h2 = H2::connect(out).await;
     let url = |p: &str| format!("http://user-profile.edtech{p}");
     let origin = |h: &http::HeaderMap| {

@@ -89,10 +89,15 @@ impl Live {
 
     /// The effective config as the admin `/config` shows it.
     pub fn config_json(&self, pushed: Option<&Pushed>) -> String {
+        let table = self.shared.services.load();
+        let mut hosts: Vec<serde_json::Value> = table.services().map(|h| h.describe()).collect();
+        hosts.sort_by(|a, b| a["host"].as_str().cmp(&b["host"].as_str()));
         serde_json::to_string_pretty(&serde_json::json!({
+            "version": self.version(),
             "bootstrap": &self.boot,
             "resources": &self.boot.loaded,
             "pushed": pushed,
+            "routes": hosts,
         }))
         .unwrap_or_default()
     }

@@ -266,3 +266,55 @@ impl Fault {
             .map(|(a, _)| a)
     }
 }
+
+/// A cluster as the admin `/config` shows it.
+fn describe_cluster(c: &Service) -> serde_json::Value {
+    serde_json::json!({
+        "service": c.key.to_string(),
+        "subset": c.subset.as_deref(),
+        "load_balancer": format!("{:?}", c.policy()),
+        "timeout_ms": c.timeout.map(|t| t.as_millis() as u64),
+        "endpoints": c.endpoints().iter().map(|e| serde_json::json!({
+            "address": e.addr().to_string(),
+            "mtls": e.is_mtls(),
+            "ejected": c.is_ejected(e),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+impl VirtualHost {
+    /// The host's routes and clusters as the admin `/config` shows them.
+    pub fn describe(&self) -> serde_json::Value {
+        let routes: Vec<serde_json::Value> = self
+            .routes
+            .iter()
+            .map(|r| {
+                let action = match &r.action {
+                    Action::Forward(backends) => serde_json::json!({
+                        "forward": backends.iter().map(|b| serde_json::json!({
+                            "weight": b.weight,
+                            "cluster": describe_cluster(&b.cluster),
+                        })).collect::<Vec<_>>(),
+                    }),
+                    Action::Redirect(rd) => serde_json::json!({ "redirect": rd.status.as_u16() }),
+                    Action::Direct { status, .. } => {
+                        serde_json::json!({ "direct_response": status.as_u16() })
+                    }
+                };
+                serde_json::json!({
+                    "name": &*r.name,
+                    "matches": r.matches.len(),
+                    "timeout_ms": r.timeout.map(|t| t.as_millis() as u64),
+                    "retries": r.retry.is_some(),
+                    "fault": r.fault.is_some(),
+                    "action": action,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "host": self.key.to_string(),
+            "cluster": describe_cluster(&self.cluster),
+            "routes": routes,
+        })
+    }
+}
