@@ -107,6 +107,16 @@ impl RetryPolicy {
     /// Compiles `retries`; `Ok(None)` when it allows no retry (`attempts: 0`). Errors name
     /// the offending field and value.
     pub fn compile(r: &HttpRetry) -> Result<Option<Self>, String> {
+        // Never silently ignored: this proxy has no localities, and it always prefers an
+        // endpoint not tried yet.
+        if r.retry_remote_localities == Some(true) {
+            return Err(
+                "retryRemoteLocalities: not enforced by this proxy yet (no localities)".into(),
+            );
+        }
+        if r.retry_ignore_previous_hosts == Some(false) {
+            return Err("retryIgnorePreviousHosts: false is not supported (retries always prefer an endpoint not tried yet)".into());
+        }
         let on = r.retry_on.as_deref().unwrap_or(DEFAULT_RETRY_ON);
         let mut conditions = Vec::new();
         for item in on.split(',').map(str::trim) {
@@ -203,6 +213,31 @@ mod tests {
 
     fn status(code: u16) -> Outcome {
         Outcome::Response(StatusCode::from_u16(code).unwrap(), None)
+    }
+
+    #[test]
+    fn locality_and_previous_host_settings_we_cannot_honour_are_refused() {
+        let err = RetryPolicy::compile(&HttpRetry {
+            attempts: 2,
+            retry_remote_localities: Some(true),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.starts_with("retryRemoteLocalities"), "{err}");
+        let err = RetryPolicy::compile(&HttpRetry {
+            attempts: 2,
+            retry_ignore_previous_hosts: Some(false),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.starts_with("retryIgnorePreviousHosts"), "{err}");
+        assert!(RetryPolicy::compile(&HttpRetry {
+            attempts: 2,
+            retry_ignore_previous_hosts: Some(true),
+            retry_remote_localities: Some(false),
+            ..Default::default()
+        })
+        .is_ok());
     }
 
     #[test]
