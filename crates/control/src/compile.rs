@@ -99,6 +99,9 @@ impl Compiled {
                     Resource::RequestAuthentication(p) => {
                         Some((p.metadata.namespace().to_string(), p.spec.selector.clone()))
                     }
+                    Resource::RateLimit(p) => {
+                        Some((p.metadata.namespace().to_string(), p.spec.selector.clone()))
+                    }
                     Resource::ServiceEntry(se) => {
                         for s in entry_services(se) {
                             services.insert((s.name.clone(), s.namespace.clone()), s);

@@ -9,6 +9,7 @@ use crate::listener::Listener;
 use crate::policy::authz::Authz;
 use crate::policy::inbound::Inbound;
 use crate::policy::jwt::JwtAuthn;
+use crate::policy::ratelimit::RateLimits;
 use crate::pushed::Pushed;
 use crate::route::compile::ClusterSpec;
 use crate::route::VirtualHost;
@@ -96,6 +97,21 @@ pub fn assemble(
         &boot.namespace,
         &boot.labels,
         root_namespace,
+    );
+    // Rate limits keep their buckets across configs when unchanged.
+    let ratelimits = RateLimits::compile(
+        boot.loaded
+            .iter()
+            .chain(pushed_resources)
+            .filter_map(|l| match &l.resource {
+                Resource::RateLimit(r) => Some(r),
+                _ => None,
+            }),
+        &boot.namespace,
+        &boot.labels,
+        root_namespace,
+        Some(&shared.inbound.load().ratelimits),
+        std::time::Instant::now(),
     );
     let inbound_stats = metrics.http_stats("inbound", my_peer.clone());
     for (i, inb) in boot.inbound.iter().enumerate() {
@@ -270,6 +286,7 @@ pub fn assemble(
             authz,
             jwt,
             default_deny: mesh.default_deny,
+            ratelimits,
         },
         listeners,
     })

@@ -120,7 +120,7 @@ pub struct Bootstrap {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness_path: Option<String>,
     /// Files or directories of Istio resources applied locally (PeerAuthentication,
-    /// AuthorizationPolicy, VirtualService, DestinationRule so far).
+    /// AuthorizationPolicy, RequestAuthentication, RateLimit, VirtualService, DestinationRule).
     /// Relative paths are relative to the bootstrap file.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resources: Vec<PathBuf>,
@@ -307,6 +307,7 @@ impl Bootstrap {
                     Resource::PeerAuthentication(_)
                     | Resource::AuthorizationPolicy(_)
                     | Resource::RequestAuthentication(_)
+                    | Resource::RateLimit(_)
                     | Resource::VirtualService(_)
                     | Resource::DestinationRule(_) => boot.loaded.push(loaded),
                     other => errors.push(trellis_api::resources::ResourceError {
@@ -316,7 +317,7 @@ impl Bootstrap {
                             format!("{kind}/{}", meta.name)
                         },
                         field: "kind".into(),
-                        message: "the proxy does not apply this kind in static mode yet (PeerAuthentication, AuthorizationPolicy, RequestAuthentication, VirtualService and DestinationRule only)".into(),
+                        message: "the proxy does not apply this kind in static mode yet (PeerAuthentication, AuthorizationPolicy, RequestAuthentication, RateLimit, VirtualService and DestinationRule only)".into(),
                     }),
                 }
             }

@@ -150,6 +150,7 @@ pub fn kind_and_meta(r: &Resource) -> (&'static str, &ObjectMeta) {
         Resource::ServiceEntry(x) => ("ServiceEntry", &x.metadata),
         Resource::HttpRoute(x) => ("HTTPRoute", &x.metadata),
         Resource::Mesh(x) => ("Mesh", &x.metadata),
+        Resource::RateLimit(x) => ("RateLimit", &x.metadata),
     }
 }
 

@@ -16,6 +16,7 @@ pub mod load_balancer;
 mod locate;
 pub mod mesh;
 pub mod peer_authentication;
+pub mod rate_limit;
 pub mod request_authentication;
 pub mod service_entry;
 pub mod traffic_policy;
@@ -32,6 +33,7 @@ pub use destination_rule::DestinationRule;
 pub use http_route::HttpRoute;
 pub use mesh::Mesh;
 pub use peer_authentication::{PeerAuthentication, PeerMode};
+pub use rate_limit::RateLimit;
 pub use request_authentication::RequestAuthentication;
 pub use service_entry::ServiceEntry;
 pub use virtual_service::VirtualService;
@@ -127,6 +129,8 @@ pub enum Resource {
     HttpRoute(HttpRoute),
     /// `trellis.dev` Mesh.
     Mesh(Mesh),
+    /// `trellis.dev` RateLimit.
+    RateLimit(RateLimit),
 }
 
 /// A resource and where it came from.
@@ -278,6 +282,7 @@ kinds!(
     ServiceEntry in service_entry,
     HttpRoute in http_route,
     Mesh in mesh,
+    RateLimit in rate_limit,
 );
 
 /// One document being read: its text, where it is, `Kind/name`, kind and apiVersion.
@@ -365,6 +370,7 @@ pub fn parse(file: &Path, text: &str) -> (Vec<Loaded>, Vec<ResourceError>) {
             "ServiceEntry" => load_kind(&d).map(Resource::ServiceEntry),
             "HTTPRoute" => load_kind(&d).map(Resource::HttpRoute),
             "Mesh" => load_kind(&d).map(Resource::Mesh),
+            "RateLimit" => load_kind(&d).map(Resource::RateLimit),
             "" => Err(err("kind", "missing kind".into())),
             k if KNOWN_LATER.contains(&k) => Err(err(
                 "kind",

@@ -22,11 +22,12 @@ pub fn canonical_kind(kind: &str) -> anyhow::Result<&'static str> {
             "requestauthentication" | "ra" => "RequestAuthentication",
             "httproute" => "HTTPRoute",
             "mesh" => "Mesh",
+            "ratelimit" | "rl" => "RateLimit",
             _ => continue,
         };
         return Ok(found);
     }
-    bail!("unknown kind {kind:?} (try VirtualService, DestinationRule, ServiceEntry, AuthorizationPolicy, PeerAuthentication, RequestAuthentication, HTTPRoute, Mesh)")
+    bail!("unknown kind {kind:?} (try VirtualService, DestinationRule, ServiceEntry, AuthorizationPolicy, PeerAuthentication, RequestAuthentication, HTTPRoute, Mesh, RateLimit)")
 }
 
 fn yaml_files(path: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
@@ -222,6 +223,7 @@ mod tests {
             ("authorizationpolicies", "AuthorizationPolicy"),
             ("pa", "PeerAuthentication"),
             ("httproutes", "HTTPRoute"),
+            ("ratelimits", "RateLimit"),
         ] {
             assert_eq!(super::canonical_kind(typed).unwrap(), kind, "{typed}");
         }

@@ -4,10 +4,14 @@
 //! HTTP: a path that cannot be normalized is 400; a denied request is 403 (gRPC:
 //! `PERMISSION_DENIED`). The normalized path is what the application receives, so a policy
 //! means what the backend sees. TCP: a denied connection is closed.
+//!
+//! After authorization, the workload's `RateLimit`s: a request over a limit is 429 with
+//! `retry-after` (gRPC: `RESOURCE_EXHAUSTED`). TCP connections are not rate limited.
 
 use super::authz::{Authz, HttpAttrs, JwtAttrs, RequestAttrs};
 use super::jwt::{Authn, JwtAuthn};
 use super::path;
+use super::ratelimit::{Limited, RateLimits};
 use crate::http::body::ResponseBody;
 use crate::http::forward::ClientConn;
 use crate::http::respond;
@@ -27,6 +31,8 @@ pub struct Inbound {
     /// The Mesh's `authorization.defaultDeny`: with no ALLOW policy for the workload,
     /// requests are denied instead of allowed.
     pub default_deny: bool,
+    /// Its rate limits (checked after authorization).
+    pub ratelimits: RateLimits,
 }
 
 /// The policy label of a denial by the Mesh's default-deny switch.
@@ -76,7 +82,7 @@ impl Inbound {
         }
         let jwt = self.authenticate(req)?;
         if self.authz.is_empty() && !self.default_deny {
-            return Ok(());
+            return self.rate_limit(req, &normalized, metrics);
         }
         let authority = req
             .uri()
@@ -120,10 +126,34 @@ impl Inbound {
             tracing::info!(target: "trellis::authz", action = "audit", policy = %audit, source = principal.as_deref().unwrap_or("-"), method = %req.method(), path = %normalized, "authorization audit");
         }
         if d.allowed {
-            return Ok(());
+            return self.rate_limit(req, &normalized, metrics);
         }
         tracing::info!(target: "trellis::authz", action = "deny", policy = d.policy_label(), source = principal.as_deref().unwrap_or("-"), method = %req.method(), path = %normalized, "request denied");
         Err(denied(req))
+    }
+
+    /// Takes the request's tokens from the workload's rate limits: 429 (gRPC:
+    /// `RESOURCE_EXHAUSTED`) when a bucket is empty.
+    #[allow(clippy::result_large_err)]
+    fn rate_limit<B>(
+        &self,
+        req: &Request<B>,
+        normalized: &str,
+        metrics: &Metrics,
+    ) -> Result<(), Response<ResponseBody>> {
+        if self.ratelimits.is_empty() {
+            return Ok(());
+        }
+        let path = without_path_params(normalized);
+        let now = std::time::Instant::now();
+        match self.ratelimits.check(req.method().as_str(), &path, now) {
+            Ok(()) => Ok(()),
+            Err(limited) => {
+                metrics.ratelimited(&limited.limit);
+                tracing::debug!(target: "trellis::ratelimit", limit = %limited.limit, method = %req.method(), path = %normalized, "request rate limited");
+                Err(rate_limited(req, &limited))
+            }
+        }
     }
 
     /// Verifies the request's JWT, if it carries one: 401 when invalid; when valid, applies
@@ -204,14 +234,46 @@ impl Inbound {
     }
 }
 
-/// 403, or for gRPC a trailers-only `PERMISSION_DENIED`.
-fn denied<B>(req: &Request<B>) -> Response<ResponseBody> {
-    let grpc = req
-        .headers()
+/// Whether the request is gRPC.
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
-    if grpc {
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// 429 with `retry-after`, or for gRPC a trailers-only `RESOURCE_EXHAUSTED`.
+fn rate_limited<B>(req: &Request<B>, limited: &Limited) -> Response<ResponseBody> {
+    let retry_after = HeaderValue::from(limited.retry_after_secs());
+    let mut r = if is_grpc(req) {
+        let mut r = Response::new(ResponseBody::empty());
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from_static("8"));
+        h.insert("grpc-message", HeaderValue::from_static("rate%20limited"));
+        h.insert(
+            respond::PROXY_ERROR_HEADER,
+            HeaderValue::from_static("rate-limited"),
+        );
+        r
+    } else {
+        respond::error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            format!("trellis: rate limited by {}", limited.limit),
+            None,
+        )
+    };
+    r.headers_mut().insert(header::RETRY_AFTER, retry_after);
+    r
+}
+
+/// 403, or for gRPC a trailers-only `PERMISSION_DENIED`.
+fn denied<B>(req: &Request<B>) -> Response<ResponseBody> {
+    if is_grpc(req) {
         let mut r = Response::new(ResponseBody::empty());
         let h = r.headers_mut();
         h.insert(
@@ -251,7 +313,29 @@ fn without_path_params(path: &str) -> std::borrow::Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
-    use super::without_path_params;
+    use super::{rate_limited, without_path_params, Limited};
+    use http::Request;
+    use std::time::Duration;
+
+    #[test]
+    fn rate_limited_answers_429_or_resource_exhausted() {
+        let limited = Limited {
+            limit: "ns/rl".into(),
+            retry_after: Duration::from_millis(1500),
+        };
+        let r = rate_limited(&Request::new(()), &limited);
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["x-trellis-error"], "rate-limited");
+        assert_eq!(r.headers()["retry-after"], "2");
+        let grpc = Request::builder()
+            .header("content-type", "application/grpc+proto")
+            .body(())
+            .unwrap();
+        let r = rate_limited(&grpc, &limited);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "8");
+        assert_eq!(r.headers()["x-trellis-error"], "rate-limited");
+    }
 
     #[test]
     fn path_parameters_do_not_hide_a_path_from_policies() {

@@ -104,6 +104,12 @@ struct Families {
     retry_budget_exhausted: Family<DestinationLabels, Counter>,
     overflow: Family<KindLabels, Counter>,
     outlier_ejections: Family<DestinationLabels, Counter>,
+    ratelimited: Family<LimitLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -151,6 +157,7 @@ impl Metrics {
             retry_budget_exhausted: Family::default(),
             overflow: Family::default(),
             outlier_ejections: Family::default(),
+            ratelimited: Family::default(),
         });
         let mut registry = Registry::default();
         registry.register(
@@ -208,6 +215,11 @@ impl Metrics {
             "Endpoints ejected by outlier detection, by destination",
             families.outlier_ejections.clone(),
         );
+        registry.register(
+            "trellis_ratelimited",
+            "Inbound requests refused by a RateLimit, by limit (namespace/name[/limit])",
+            families.ratelimited.clone(),
+        );
         registry.register_collector(Box::new(super::process::ProcessCollector::new()));
         let config_version = prometheus_client::metrics::gauge::Gauge::default();
         let control_plane_connected = prometheus_client::metrics::gauge::Gauge::default();
@@ -253,6 +265,16 @@ impl Metrics {
             .get_or_create(&AuthzLabels {
                 action,
                 policy: Arc::from(policy),
+            })
+            .inc();
+    }
+
+    /// Counts a request refused by the rate limit `limit` (`namespace/name[/limit]`).
+    pub fn ratelimited(&self, limit: &Arc<str>) {
+        self.families
+            .ratelimited
+            .get_or_create(&LimitLabels {
+                limit: limit.clone(),
             })
             .inc();
     }
