@@ -175,14 +175,14 @@ fn json_response(status: u16, body: serde_json::Value) -> Response<Full<Bytes>> 
 }
 
 async fn wait_until(what: &str, mut ok: impl AsyncFnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + StdDuration::from_secs(15);
+    let deadline = Instant::now() + StdDuration::from_secs(30);
     while Instant::now() < deadline {
         if ok().await {
             return Ok(());
         }
         tokio::time::sleep(StdDuration::from_millis(50)).await;
     }
-    bail!("{what} within 15s (logs are in the demo directory)")
+    bail!("{what} within 30s (logs are in the demo directory)")
 }
 
 /// One service of the demo: its app, proxy and addresses.
