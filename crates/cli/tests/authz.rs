@@ -381,3 +381,71 @@ async fn the_mesh_default_deny_switch_denies_what_no_allow_policy_covers() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_grpc_calls_get_permission_denied() {
+    use trellis_testkit::origin::grpc::{EchoClient, EchoRequest, GrpcOrigin};
+    let control = Control::start(BIN, &[]).await;
+    let scoring = GrpcOrigin::start().await.unwrap();
+    let (scoring_proxy, _) = joined(
+        &control,
+        "scoring",
+        "default",
+        scoring.addr(),
+        &["app=scoring"],
+    )
+    .await;
+    let app = HttpOrigin::start().await.unwrap();
+    let (_front, out) = joined(&control, "web", "default", app.addr(), &[]).await;
+    let client = || async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{out}"))
+            .unwrap()
+            .origin("http://scoring.default".parse().unwrap())
+            .connect()
+            .await
+            .unwrap();
+        EchoClient::new(channel)
+    };
+    eventually(Duration::from_secs(5), "web reaches scoring", || async {
+        client()
+            .await
+            .unary(EchoRequest {
+                message: "hi".into(),
+            })
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let dir = TempDir::new("authz-grpc");
+    let f = dir.path().join("deny.yaml");
+    std::fs::write(
+        &f,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: { name: no-web, namespace: default }\nspec:\n  selector: { matchLabels: { app: scoring } }\n  action: DENY\n  rules:\n  - from: [{ source: { principals: [\"cluster.local/ns/default/sa/web\"] } }]\n",
+    )
+    .unwrap();
+    let (code, o, e) = control.cli(&["apply", "-f", f.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{o}{e}");
+    let status = eventually(Duration::from_secs(5), "the call is denied", || async {
+        client()
+            .await
+            .unary(EchoRequest {
+                message: "hi".into(),
+            })
+            .await
+            .err()
+    })
+    .await;
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("RBAC"), "{status:?}");
+    let m = scoring_proxy.metrics().await;
+    assert!(
+        sample(
+            &m,
+            "trellis_authz_decisions_total",
+            &[("action", "deny"), ("policy", "default/no-web")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+}
