@@ -212,7 +212,12 @@ async fn jwts_are_verified_and_required_where_policies_say() {
         hs_input.as_bytes(),
     );
     let hs256 = format!("{hs_input}.{}", B64.encode(mac.as_ref()));
+    let unknown_kid = signer.token(
+        json!({ "alg": "ES256", "typ": "JWT", "kid": "rotated-away" }),
+        json!({ "iss": ISSUER, "sub": "s", "aud": "user-service", "exp": now() + 600 }),
+    );
     for (name, token) in [
+        ("unknown kid", unknown_kid),
         ("expired", expired),
         ("not yet valid", not_yet),
         ("wrong audience", wrong_aud),
