@@ -8,6 +8,7 @@
 use super::body::{RequestBody, ResponseBody};
 use super::exchange::{Exchange, LogFields};
 use super::headers;
+use super::mirror;
 use super::respond;
 use crate::resilience::replay::Replay;
 use crate::resilience::retry::Outcome;
@@ -100,7 +101,7 @@ pub struct Forwarder {
 
 /// Why an upstream exchange failed before a response head arrived.
 #[derive(Debug, thiserror::Error)]
-enum SendError {
+pub(super) enum SendError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
     #[error("upstream {0}: {1}")]
@@ -390,13 +391,27 @@ impl Forwarder {
             .headers
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        // Mirrors get the body kept for replay: bodies too large for it are not mirrored.
+        let mirrors = mirror::draw(route, upgrade);
+        let empty = http_body::Body::is_end_stream(&body);
+        let mirror_kept =
+            !mirrors.is_empty() && !empty && Replay::fits(&http_body::Body::size_hint(&body));
         let (replay, mut body) = match retry {
             Some(_) => {
                 service.retry_budget.deposit();
                 (Some(Replay::new(body, bytes_in.clone())), None)
             }
+            None if mirror_kept => (Some(Replay::new(body, bytes_in.clone())), None),
             None => (None, Some(body)),
         };
+        let mirror_body = match &replay {
+            _ if empty => Some(mirror::MirrorBody::Empty),
+            Some(r) => Some(mirror::MirrorBody::Kept(Box::pin(r.copy_when_done()))),
+            None => None,
+        };
+        if let Some(b) = mirror_body.filter(|_| !mirrors.is_empty()) {
+            mirror::spawn(mirrors, &head, b, was_h1);
+        }
         let mut head = Some(head);
         let deadline = route_timeout
             .or(service.timeout)
@@ -606,7 +621,7 @@ impl Forwarder {
 
 /// Rewrites the request target for the upstream hop: origin-form plus `Host` for HTTP/1,
 /// an absolute URI (authority kept) for HTTP/2.
-fn set_upstream_target<B>(
+pub(super) fn set_upstream_target<B>(
     req: &mut Request<B>,
     authority: Option<&str>,
     endpoint: SocketAddr,
@@ -642,7 +657,7 @@ fn set_upstream_target<B>(
 
 /// Sends on a pooled connection. A reused HTTP/1 connection that the peer closed before
 /// our request went out is replaced by a fresh one, once.
-async fn send(
+pub(super) async fn send(
     endpoint: &Arc<EndpointConns>,
     req: Request<RequestBody>,
     h2: bool,

@@ -4,6 +4,7 @@ pub mod body;
 pub mod exchange;
 pub mod forward;
 pub mod headers;
+pub mod mirror;
 pub mod respond;
 
 use forward::{ClientConn, Forwarder};

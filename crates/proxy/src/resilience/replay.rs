@@ -6,6 +6,9 @@
 //! sending). Past the limit the copy is dropped and the request can no longer be retried;
 //! the attempt in progress streams on unaffected. Starting an attempt supersedes the
 //! previous one: its body ends with an error so that its upstream stream is reset.
+//!
+//! A mirror ([`Replay::copy_when_done`]) gets a copy of the kept frames once the client's
+//! body has ended, without holding the client's body itself.
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -42,6 +45,25 @@ struct State {
     generation: u64,
     /// Request bytes for the access log, counted once however often they are sent.
     bytes: Option<Arc<AtomicU64>>,
+    /// The whole body for mirrors once it ended (`Some(None)`: it cannot be copied).
+    done: tokio::sync::watch::Sender<Option<Option<Arc<[Chunk]>>>>,
+}
+
+impl State {
+    /// Tells the mirrors waiting for the body that it ended (or cannot be copied).
+    fn publish(&self) {
+        if self.done.receiver_count() == 0 || self.done.borrow().is_some() {
+            return;
+        }
+        let copy = if self.overflowed || self.failed {
+            None
+        } else if self.source.is_none() {
+            Some(Arc::from(self.chunks.as_slice()))
+        } else {
+            return;
+        };
+        self.done.send_replace(Some(copy));
+    }
 }
 
 /// A client body shared by the attempts of one request.
@@ -69,6 +91,7 @@ impl Replay {
                 failed: false,
                 generation: 0,
                 bytes,
+                done: tokio::sync::watch::Sender::new(None),
             })),
         }
     }
@@ -83,6 +106,25 @@ impl Replay {
         !s.overflowed && !s.failed
     }
 
+    /// A copy of the whole body (for a mirror) once the client has sent it: `None` when it
+    /// fails, is too large to keep, or every attempt is gone before it ended. Waiting does
+    /// not keep the client's body (nor its connection) alive.
+    pub fn copy_when_done(&self) -> impl std::future::Future<Output = Option<Copied>> + Send {
+        let mut done = {
+            let s = self.lock();
+            let rx = s.done.subscribe();
+            s.publish();
+            rx
+        };
+        async move {
+            done.wait_for(Option::is_some)
+                .await
+                .ok()?
+                .clone()?
+                .map(Copied)
+        }
+    }
+
     /// The body of a new attempt; the previous attempt's body stops.
     pub fn attempt(&self) -> ReplayBody {
         let mut s = self.lock();
@@ -92,6 +134,38 @@ impl Replay {
             generation: s.generation,
             cursor: 0,
         }
+    }
+}
+
+/// A whole request body kept for mirrors ([`Replay::copy_when_done`]).
+#[derive(Clone)]
+pub struct Copied(Arc<[Chunk]>);
+
+impl Copied {
+    /// A body sending the copy (each call a new one).
+    pub fn body(&self) -> ReplayBody {
+        let buffered = self
+            .0
+            .iter()
+            .map(|c| match c {
+                Chunk::Data(d) => d.len(),
+                Chunk::Trailers(_) => 0,
+            })
+            .sum();
+        let replay = Replay {
+            state: Arc::new(Mutex::new(State {
+                source: None,
+                chunks: self.0.to_vec(),
+                read: self.0.len(),
+                buffered,
+                overflowed: false,
+                failed: false,
+                generation: 0,
+                bytes: None,
+                done: tokio::sync::watch::Sender::new(None),
+            })),
+        };
+        replay.attempt()
     }
 }
 
@@ -130,11 +204,13 @@ impl ReplayBody {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(None) => {
                 s.source = None;
+                s.publish();
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(e))) => {
                 s.failed = true;
                 s.source = None;
+                s.publish();
                 return Poll::Ready(Some(Err(e.into())));
             }
             Poll::Ready(Some(Ok(frame))) => frame,
@@ -163,6 +239,7 @@ impl ReplayBody {
         if s.source.as_ref().is_some_and(Body::is_end_stream) {
             s.source = None;
         }
+        s.publish();
         Poll::Ready(Some(Ok(frame)))
     }
 
@@ -267,6 +344,27 @@ mod tests {
         assert_eq!(read(r.attempt()).await.unwrap(), data);
         assert!(!r.replayable());
         assert!(read(r.attempt()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_mirror_copies_the_body_once_it_ended() {
+        let data = vec![3u8; 5_000];
+        let r = Replay::new(incoming(data.clone()).await, None);
+        let copy = tokio::spawn(r.copy_when_done());
+        assert_eq!(read(r.attempt()).await.unwrap(), data);
+        let copy = copy.await.unwrap().expect("a copy");
+        assert_eq!(read(copy.body()).await.unwrap(), data);
+        assert_eq!(read(copy.body()).await.unwrap(), data, "again");
+
+        let big = Replay::new(incoming(vec![1u8; MAX_REPLAY_BYTES + 1]).await, None);
+        let copy = tokio::spawn(big.copy_when_done());
+        read(big.attempt()).await.unwrap();
+        assert!(copy.await.unwrap().is_none(), "too large to copy");
+
+        let abandoned = Replay::new(incoming(data).await, None);
+        let copy = abandoned.copy_when_done();
+        drop(abandoned);
+        assert!(copy.await.is_none(), "no attempt read it");
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@
 
 use super::matcher::HttpMatch;
 use super::{
-    Abort, Action, Backend, Edits, Fault, HeaderOps, Redirect, Rewrite, Route, VirtualHost,
+    Abort, Action, Backend, Edits, Fault, HeaderOps, Mirror, Redirect, Rewrite, Route, VirtualHost,
 };
 use crate::balance::{policy_from, HashOn};
 use crate::resilience::retry::RetryPolicy;
@@ -385,7 +385,6 @@ fn compile_route(
     };
     // Never silently ignored: what this proxy does not enforce yet is refused by name.
     for (field, set) in [
-        ("mirror", r.mirror.is_some() || !r.mirrors.is_empty()),
         ("corsPolicy", r.cors_policy.is_some()),
         (
             "rewrite.uriRegexRewrite",
@@ -487,6 +486,7 @@ fn compile_route(
         }),
         None => None,
     };
+    let mirrors = mirrors(r, cluster_for, &at);
     Ok(Route {
         name,
         matches,
@@ -496,7 +496,48 @@ fn compile_route(
         rewrite,
         fault: r.fault.as_ref().map(fault),
         retry,
+        mirrors,
     })
+}
+
+/// The route's mirrors: `mirror` with `mirrorPercentage`, or `mirrors` (each with its own
+/// `percentage`); no percentage means every request. A mirror whose host this proxy cannot
+/// resolve yet is left out (a copy nobody receives), like an unknown route destination.
+fn mirrors(
+    r: &HttpRoute,
+    cluster_for: &ClusterFor<'_>,
+    at: &dyn Fn(&str) -> String,
+) -> Vec<Mirror> {
+    let single = r
+        .mirror
+        .as_ref()
+        .map(|d| (".mirror".to_string(), d, r.mirror_percentage.as_ref()));
+    let several = r.mirrors.iter().enumerate().map(|(j, m)| {
+        (
+            format!(".mirrors[{j}].destination"),
+            &m.destination,
+            m.percentage.as_ref(),
+        )
+    });
+    single
+        .into_iter()
+        .chain(several)
+        .filter_map(|(field, dest, pct)| {
+            let Some(cluster) = cluster_for(&dest.host, dest.subset.as_deref()) else {
+                tracing::debug!(
+                    at = %at(&format!("{field}.host")),
+                    host = %dest.host,
+                    "mirror destination unknown"
+                );
+                return None;
+            };
+            Some(Mirror {
+                cluster,
+                fraction: fraction(pct, None),
+            })
+        })
+        .filter(|m| m.fraction > 0.0)
+        .collect()
 }
 
 fn fraction(p: Option<&trellis_api::resources::common::Percent>, legacy: Option<u32>) -> f64 {
@@ -813,5 +854,86 @@ spec:
         )
         .replace("host: users", "host: elsewhere");
         assert!(compile_with(&other).is_err());
+    }
+
+    #[test]
+    fn mirrors_compile_with_their_shares_and_shadow_authorities() {
+        use trellis_api::resources::common::Percent;
+        use trellis_api::resources::http_policy::HttpMirrorPolicy;
+        use trellis_api::resources::virtual_service::Destination;
+        let stats = Metrics::default().http_stats("outbound", Peer::new("shadow", "edtech"));
+        let shadow = Arc::new(Service::new(
+            ServiceKey::new("shadow", "edtech"),
+            Vec::new(),
+            None,
+            stats,
+        ));
+        let cluster_for = |host: &str, _: Option<&str>| (host == "shadow").then(|| shadow.clone());
+        let at = |f: &str| f.to_string();
+        let dest = |host: &str| Destination {
+            host: host.into(),
+            ..Destination::default()
+        };
+        let pct = |value| Some(Percent { value });
+
+        // `mirror` alone: every request.
+        let r = HttpRoute {
+            mirror: Some(dest("shadow")),
+            ..HttpRoute::default()
+        };
+        let m = mirrors(&r, &cluster_for, &at);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].fraction, 1.0);
+        assert_eq!(m[0].cluster.key.name, "shadow");
+        assert!(m[0].draw());
+
+        // `mirrorPercentage`; 0% mirrors nothing.
+        let r = HttpRoute {
+            mirror: Some(dest("shadow")),
+            mirror_percentage: pct(12.5),
+            ..HttpRoute::default()
+        };
+        assert_eq!(mirrors(&r, &cluster_for, &at)[0].fraction, 0.125);
+        let r = HttpRoute {
+            mirror: Some(dest("shadow")),
+            mirror_percentage: pct(0.0),
+            ..HttpRoute::default()
+        };
+        assert!(mirrors(&r, &cluster_for, &at).is_empty());
+
+        // `mirrors`, each with its own share; an unknown host is left out.
+        let r = HttpRoute {
+            mirrors: vec![
+                HttpMirrorPolicy {
+                    destination: dest("shadow"),
+                    percentage: pct(50.0),
+                },
+                HttpMirrorPolicy {
+                    destination: dest("nowhere"),
+                    percentage: None,
+                },
+                HttpMirrorPolicy {
+                    destination: dest("shadow"),
+                    percentage: None,
+                },
+            ],
+            ..HttpRoute::default()
+        };
+        let fractions: Vec<f64> = mirrors(&r, &cluster_for, &at)
+            .iter()
+            .map(|m| m.fraction)
+            .collect();
+        assert_eq!(fractions, [0.5, 1.0]);
+
+        // The copy's authority: `-shadow` after the host, before the port.
+        assert_eq!(super::super::shadow_authority("reviews"), "reviews-shadow");
+        assert_eq!(
+            super::super::shadow_authority("reviews.edtech:9080"),
+            "reviews.edtech-shadow:9080"
+        );
+        assert_eq!(
+            super::super::shadow_authority("[::1]:80"),
+            "[::1]-shadow:80"
+        );
     }
 }

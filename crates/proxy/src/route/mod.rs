@@ -47,6 +47,41 @@ pub struct Route {
     pub fault: Option<Fault>,
     /// Retries of failed attempts (`retries`); `timeout` bounds them all.
     pub retry: Option<RetryPolicy>,
+    /// Copies of requests sent elsewhere, answers discarded (`mirror`, `mirrors`).
+    pub mirrors: Vec<Mirror>,
+}
+
+/// A destination that gets a copy of a share of the route's requests (Istio `mirror` with
+/// `mirrorPercentage`, or one of `mirrors`); its responses are discarded.
+pub struct Mirror {
+    /// Where copies go.
+    pub cluster: Arc<Service>,
+    /// Share of requests copied (0..=1).
+    pub fraction: f64,
+}
+
+impl Mirror {
+    /// Whether this request is copied.
+    pub fn draw(&self) -> bool {
+        self.fraction >= 1.0 || fastrand::f64() < self.fraction
+    }
+}
+
+/// The authority of a mirrored request: `-shadow` appended to the host, before any port
+/// (as Envoy does): `reviews:9080` becomes `reviews-shadow:9080`.
+pub fn shadow_authority(authority: &str) -> String {
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p))
+            if !h.is_empty() && !h.ends_with(':') && p.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            (h, Some(p))
+        }
+        _ => (authority, None),
+    };
+    match port {
+        Some(p) => format!("{host}-shadow:{p}"),
+        None => format!("{host}-shadow"),
+    }
 }
 
 /// What a matched route does.
@@ -307,6 +342,10 @@ impl VirtualHost {
                     "timeout_ms": r.timeout.map(|t| t.as_millis() as u64),
                     "retries": r.retry.is_some(),
                     "fault": r.fault.is_some(),
+                    "mirrors": r.mirrors.iter().map(|m| serde_json::json!({
+                        "fraction": m.fraction,
+                        "cluster": describe_cluster(&m.cluster),
+                    })).collect::<Vec<_>>(),
                     "action": action,
                 })
             })

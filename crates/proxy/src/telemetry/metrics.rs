@@ -105,6 +105,7 @@ struct Families {
     overflow: Family<KindLabels, Counter>,
     outlier_ejections: Family<DestinationLabels, Counter>,
     ratelimited: Family<LimitLabels, Counter>,
+    mirrored: Family<DestinationLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -158,6 +159,7 @@ impl Metrics {
             overflow: Family::default(),
             outlier_ejections: Family::default(),
             ratelimited: Family::default(),
+            mirrored: Family::default(),
         });
         let mut registry = Registry::default();
         registry.register(
@@ -219,6 +221,11 @@ impl Metrics {
             "trellis_ratelimited",
             "Inbound requests refused by a RateLimit, by limit (namespace/name[/limit])",
             families.ratelimited.clone(),
+        );
+        registry.register(
+            "trellis_mirrored_requests",
+            "Copies of requests sent to a mirror destination (responses discarded)",
+            families.mirrored.clone(),
         );
         registry.register_collector(Box::new(super::process::ProcessCollector::new()));
         let config_version = prometheus_client::metrics::gauge::Gauge::default();
@@ -449,6 +456,13 @@ impl HttpStats {
     pub fn outlier_ejected(&self) {
         let labels = self.destination_labels();
         self.families.outlier_ejections.get_or_create(&labels).inc();
+    }
+
+    /// Counts a copy of a request sent to this mirror destination
+    /// (`trellis_mirrored_requests_total`).
+    pub fn mirrored(&self) {
+        let labels = self.destination_labels();
+        self.families.mirrored.get_or_create(&labels).inc();
     }
 
     fn duration_labels(&self, key: &SeriesKey) -> DurationLabels {
