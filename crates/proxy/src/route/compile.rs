@@ -72,6 +72,17 @@ pub fn compile(
     for r in &rules {
         not_enforced_rule(r)?;
     }
+    // Gateway API routes are validated on apply but not routed yet: refused, never ignored.
+    if let Some(route) = resources.iter().find_map(|l| match &l.resource {
+        Resource::HttpRoute(r) => Some(r),
+        _ => None,
+    }) {
+        return Err(format!(
+            "HTTPRoute {}/{}: not routed by this proxy yet (use a VirtualService)",
+            route.metadata.namespace(),
+            route.metadata.name
+        ));
+    }
     let balancing = rules
         .iter()
         .map(|r| rule_balancing(r))
@@ -726,6 +737,18 @@ spec:
 
     fn policies(made: &Made) -> Vec<(Option<&str>, Policy)> {
         made.iter().map(|(s, b)| (s.as_deref(), b.policy)).collect()
+    }
+
+    #[test]
+    fn gateway_api_routes_are_refused_until_routed() {
+        let err = compile_with(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: web, namespace: edtech }\nspec:\n  rules:\n  - backendRefs: [{ name: users, port: 80 }]\n",
+        )
+        .expect_err("refused");
+        assert!(
+            err.contains("HTTPRoute edtech/web: not routed by this proxy yet"),
+            "{err}"
+        );
     }
 
     #[test]
