@@ -72,6 +72,22 @@ pub fn compile(
     for r in &rules {
         not_enforced_rule(r)?;
     }
+    // `exportTo` narrower than the whole mesh is not honoured yet: refused, never widened.
+    for l in resources {
+        let (kind, export_to, meta) = match &l.resource {
+            Resource::VirtualService(v) => ("VirtualService", &v.spec.export_to, &v.metadata),
+            Resource::DestinationRule(r) => ("DestinationRule", &r.spec.export_to, &r.metadata),
+            Resource::ServiceEntry(e) => ("ServiceEntry", &e.spec.export_to, &e.metadata),
+            _ => continue,
+        };
+        if export_to.iter().any(|e| e != "*") {
+            return Err(format!(
+                "{kind} {}/{}: spec.exportTo {export_to:?}: only [\"*\"] (the default) is enforced by this proxy yet",
+                meta.namespace(),
+                meta.name
+            ));
+        }
+    }
     // Gateway API routes are validated on apply but not routed yet: refused, never ignored.
     if let Some(route) = resources.iter().find_map(|l| match &l.resource {
         Resource::HttpRoute(r) => Some(r),
@@ -737,6 +753,22 @@ spec:
 
     fn policies(made: &Made) -> Vec<(Option<&str>, Policy)> {
         made.iter().map(|(s, b)| (s.as_deref(), b.policy)).collect()
+    }
+
+    #[test]
+    fn narrower_export_to_is_refused_until_enforced() {
+        let err = compile_with(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: { name: private, namespace: edtech }\nspec:\n  host: users\n  exportTo: [\".\"]\n",
+        )
+        .expect_err("refused");
+        assert!(
+            err.contains("DestinationRule edtech/private: spec.exportTo"),
+            "{err}"
+        );
+        assert!(compile_with(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: { name: public, namespace: edtech }\nspec:\n  host: users\n  exportTo: [\"*\"]\n",
+        )
+        .is_ok());
     }
 
     #[test]
