@@ -228,6 +228,22 @@ async fn virtual_services_route_split_rewrite_and_fail_as_configured() {
     assert_eq!(status, 503);
     assert_eq!(headers.get("x-trellis-error").unwrap(), "fault-injected");
 
+    // Answers the proxy makes itself are counted like any response.
+    let m = frontend.metrics().await;
+    for code in ["418", "308", "503"] {
+        let n = sample(
+            &m,
+            "trellis_http_requests_total",
+            &[
+                ("direction", "outbound"),
+                ("destination_service", "user-profile"),
+                ("response_code", code),
+            ],
+        )
+        .unwrap_or(0.0);
+        assert!(n >= 1.0, "response_code {code} not counted:\n{m}");
+    }
+
     // Rewrite: /legacy/x reaches the app as /echo/x, on v1.
     let (status, headers, body) = h2.request("GET", &url("/legacy/x?q=1"), b"").await;
     assert_eq!(status, 200);

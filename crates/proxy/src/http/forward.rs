@@ -214,10 +214,13 @@ impl Forwarder {
                     StatusCode::NOT_FOUND,
                     "no-route",
                     format!("trellis: no route of {} matches", vhost.key),
-                    None,
+                    Some(local_exchange(&vhost.cluster, &client, start)),
                 )
             }
-            Decision::Answer(route) => return answer(route, &parts, &authority),
+            Decision::Answer(route) => {
+                let ex = local_exchange(&vhost.cluster, &client, start);
+                return answer(route, &parts, &authority, ex);
+            }
             Decision::Forward {
                 cluster,
                 route,
@@ -241,7 +244,7 @@ impl Forwarder {
                 tokio::time::sleep(d).await;
             }
             if let Some(abort) = fault.abort() {
-                return aborted(abort);
+                return aborted(abort, local_exchange(&cluster, &client, start));
             }
         }
         if let Some(new_path) = route.rewritten_path(&path, &parts, &cx) {
@@ -780,10 +783,21 @@ fn split_host_port(authority: &str) -> (&str, Option<u16>) {
 }
 
 /// The answer of a redirect or direct-response route.
-fn answer(route: &Route, parts: &http::request::Parts, authority: &str) -> Response<ResponseBody> {
+fn answer(
+    route: &Route,
+    parts: &http::request::Parts,
+    authority: &str,
+    mut exchange: Box<Exchange>,
+) -> Response<ResponseBody> {
+    let status = match &route.action {
+        Action::Direct { status, .. } => *status,
+        Action::Redirect(rd) => rd.status,
+        Action::Forward(_) => StatusCode::OK,
+    };
+    exchange.status = status.as_u16();
     let mut resp = match &route.action {
         Action::Direct { status, body } => {
-            let mut r = Response::new(ResponseBody::full(body.to_vec(), None));
+            let mut r = Response::new(ResponseBody::full(body.to_vec(), Some(exchange)));
             *r.status_mut() = *status;
             r
         }
@@ -806,7 +820,7 @@ fn answer(route: &Route, parts: &http::request::Parts, authority: &str) -> Respo
                 Some(p) => format!("{scheme}://{host}:{p}{path}"),
                 None => format!("{scheme}://{host}{path}"),
             };
-            let mut r = Response::new(ResponseBody::empty());
+            let mut r = Response::new(ResponseBody::full(Vec::new(), Some(exchange)));
             *r.status_mut() = rd.status;
             if let Ok(v) = HeaderValue::from_str(&location) {
                 r.headers_mut().insert(header::LOCATION, v);
@@ -819,17 +833,36 @@ fn answer(route: &Route, parts: &http::request::Parts, authority: &str) -> Respo
     resp
 }
 
+/// Telemetry for an answer the proxy makes itself (route answers, aborts, no route),
+/// counted against the cluster the host names.
+fn local_exchange(cluster: &Service, client: &ClientConn, start: Instant) -> Box<Exchange> {
+    Box::new(Exchange {
+        stats: cluster.stats.clone(),
+        source: client.source.clone(),
+        tls: client.tls,
+        start,
+        status: 0,
+        grpc_status: None,
+        bytes_out: 0,
+        bytes_in: None,
+        log: None,
+        admission: Default::default(),
+    })
+}
+
 /// The response of an injected abort.
-fn aborted(abort: Abort) -> Response<ResponseBody> {
+fn aborted(abort: Abort, mut exchange: Box<Exchange>) -> Response<ResponseBody> {
     match abort {
         Abort::Http(status) => respond::error(
             status,
             "fault-injected",
             "trellis: fault injected by the route".into(),
-            None,
+            Some(exchange),
         ),
         Abort::Grpc(code) => {
-            let mut r = Response::new(ResponseBody::empty());
+            exchange.status = 200;
+            exchange.grpc_status = u16::try_from(code).ok();
+            let mut r = Response::new(ResponseBody::full(Vec::new(), Some(exchange)));
             let h = r.headers_mut();
             h.insert(
                 header::CONTENT_TYPE,
