@@ -63,25 +63,6 @@ fn now() -> u64 {
         .as_secs()
 }
 
-async fn joined(
-    control: &Control,
-    service: &str,
-    app: SocketAddr,
-    labels: &[&str],
-) -> (Trellis, SocketAddr) {
-    let (admin, inbound, outbound) = (free_addr(), free_addr(), free_addr());
-    let yaml = format!(
-        "service: {service}\nnamespace: default\nadmin: {admin}\noutbound: {{ listen: {outbound} }}\n\
-         inbound:\n  - listen: {inbound}\n    app: {app}\n"
-    );
-    let token = control.token(service, "default", &[]);
-    let grpc = control.grpc.to_string();
-    let mut args = vec!["--control", &grpc, "--token", token.to_str().unwrap()];
-    let labels: Vec<String> = labels.iter().map(|l| format!("--label={l}")).collect();
-    args.extend(labels.iter().map(String::as_str));
-    (proxy(&yaml, admin, &args).await, outbound)
-}
-
 async fn call(out: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
     let bearer = token.map(|t| format!("Bearer {t}"));
     let headers: Vec<(&str, &str)> = bearer
@@ -95,12 +76,22 @@ async fn call(out: SocketAddr, path: &str, token: Option<&str>) -> (u16, String)
     }
 }
 
+/// A workload joined to `control` in namespace default.
+async fn joined_default(
+    control: &Control,
+    service: &str,
+    app: SocketAddr,
+    labels: &[&str],
+) -> (Trellis, SocketAddr) {
+    joined(control, service, "default", app, labels).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwts_are_verified_and_required_where_policies_say() {
     let signer = Signer::new();
     let control = Control::start(BIN, &[]).await;
     let users = HttpOrigin::start().await.unwrap();
-    let (user_service, _) = joined(
+    let (user_service, _) = joined_default(
         &control,
         "user-service",
         users.addr(),
@@ -108,7 +99,7 @@ async fn jwts_are_verified_and_required_where_policies_say() {
     )
     .await;
     let app = HttpOrigin::start().await.unwrap();
-    let (_client, out) = joined(&control, "web", app.addr(), &[]).await;
+    let (_client, out) = joined_default(&control, "web", app.addr(), &[]).await;
 
     let policies = [
         "apiVersion: security.istio.io/v1",

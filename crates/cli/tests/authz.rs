@@ -6,46 +6,10 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use trellis_testkit::client::http1_get;
 use trellis_testkit::origin::http::HttpOrigin;
 use trellis_testkit::proxy::{Control, TempDir};
-
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-/// A proxy joined to `control` as `service.namespace`; returns it and its outbound listener.
-async fn joined(
-    control: &Control,
-    service: &str,
-    namespace: &str,
-    app: SocketAddr,
-    labels: &[&str],
-) -> (Trellis, SocketAddr) {
-    let (admin, inbound, outbound) = (free_addr(), free_addr(), free_addr());
-    let yaml = format!(
-        "service: {service}\nnamespace: {namespace}\nadmin: {admin}\noutbound: {{ listen: {outbound} }}\n\
-         inbound:\n  - listen: {inbound}\n    app: {app}\n"
-    );
-    let token = control.token(service, namespace, &[]);
-    let grpc = control.grpc.to_string();
-    let mut args = vec!["--control", &grpc, "--token", token.to_str().unwrap()];
-    let labels: Vec<String> = labels.iter().map(|l| format!("--label={l}")).collect();
-    args.extend(labels.iter().map(String::as_str));
-    (proxy(&yaml, admin, &args).await, outbound)
-}
 
 /// The issue's seed policy, unchanged (v1beta1, no namespace: `default`).
 const SEED: &str = r#"apiVersion: security.istio.io/v1beta1

@@ -58,22 +58,6 @@ async fn workload(
     }
 }
 
-/// Polls `f` every 25 ms until it returns `Some`, or panics with `what` after `limit`.
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 fn status(control: &Control) -> Value {
     let (code, out, err) = control.cli(&["status", "-o", "json"]);
     assert!(code.is_some(), "{err}");

@@ -11,41 +11,6 @@ use std::time::{Duration, Instant};
 use trellis_testkit::origin::http::HttpOrigin;
 use trellis_testkit::proxy::{Control, TempDir};
 
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-/// A proxy joined to `control` in namespace edtech with an inbound port in front of `app`.
-async fn joined(control: &Control, service: &str, app: SocketAddr) -> (Trellis, SocketAddr) {
-    let (admin, inbound, outbound) = (free_addr(), free_addr(), free_addr());
-    let yaml = format!(
-        "service: {service}\nnamespace: edtech\nadmin: {admin}\noutbound: {{ listen: {outbound} }}\n\
-         inbound:\n  - listen: {inbound}\n    app: {app}\n"
-    );
-    let token = control.token(service, "edtech", &[]);
-    let grpc = control.grpc.to_string();
-    let label = format!("--label=app={service}");
-    let args = vec![
-        "--control",
-        &grpc,
-        "--token",
-        token.to_str().unwrap(),
-        &label,
-    ];
-    (proxy(&yaml, admin, &args).await, outbound)
-}
-
 const RULES: &str = "\
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -67,6 +32,18 @@ spec:
     mirrorPercentage: { value: 100 }
 ";
 
+/// A workload joined to `control` in namespace edtech, labelled `app=<service>`.
+async fn joined_edtech(control: &Control, service: &str, app: SocketAddr) -> (Trellis, SocketAddr) {
+    joined(
+        control,
+        service,
+        "edtech",
+        app,
+        &[&format!("app={service}")],
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirrors_get_copies_and_never_affect_the_client() {
     let control = Control::start(BIN, &[]).await;
@@ -76,11 +53,11 @@ async fn mirrors_get_copies_and_never_affect_the_client() {
     let hole = HttpOrigin::start_with_delay("hole", Duration::from_secs(60))
         .await
         .unwrap();
-    let _pa = joined(&control, "user-profile", a.addr()).await;
-    let _pb = joined(&control, "profile-shadow", b.addr()).await;
-    let _ph = joined(&control, "profile-hole", hole.addr()).await;
+    let _pa = joined_edtech(&control, "user-profile", a.addr()).await;
+    let _pb = joined_edtech(&control, "profile-shadow", b.addr()).await;
+    let _ph = joined_edtech(&control, "profile-hole", hole.addr()).await;
     let front_app = HttpOrigin::start().await.unwrap();
-    let (frontend, out) = joined(&control, "frontend", front_app.addr()).await;
+    let (frontend, out) = joined_edtech(&control, "frontend", front_app.addr()).await;
 
     let dir = TempDir::new("mirror");
     let file = dir.path().join("rules.yaml");

@@ -11,41 +11,6 @@ use trellis_testkit::origin::grpc::{EchoClient, EchoRequest, GrpcOrigin};
 use trellis_testkit::origin::http::HttpOrigin;
 use trellis_testkit::proxy::{Control, TempDir};
 
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-/// A proxy joined to `control` in namespace edtech with an inbound port in front of `app`.
-async fn joined(control: &Control, service: &str, app: SocketAddr) -> (Trellis, SocketAddr) {
-    let (admin, inbound, outbound) = (free_addr(), free_addr(), free_addr());
-    let yaml = format!(
-        "service: {service}\nnamespace: edtech\nadmin: {admin}\noutbound: {{ listen: {outbound} }}\n\
-         inbound:\n  - listen: {inbound}\n    app: {app}\n"
-    );
-    let token = control.token(service, "edtech", &[]);
-    let grpc = control.grpc.to_string();
-    let label = format!("--label=app={service}");
-    let args = [
-        "--control",
-        &grpc,
-        "--token",
-        token.to_str().unwrap(),
-        &label,
-    ];
-    (proxy(&yaml, admin, &args).await, outbound)
-}
-
 const RULES: &str = "\
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -83,15 +48,27 @@ async fn counter(proxy: &Trellis, metric: &str, service: &str) -> u64 {
         .map_or(0, |v| v.trim().parse().unwrap())
 }
 
+/// A workload joined to `control` in namespace edtech, labelled `app=<service>`.
+async fn joined_edtech(control: &Control, service: &str, app: SocketAddr) -> (Trellis, SocketAddr) {
+    joined(
+        control,
+        service,
+        "edtech",
+        app,
+        &[&format!("app={service}")],
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_recover_failures_within_the_budget() {
     let control = Control::start(BIN, &[]).await;
     let users = HttpOrigin::start().await.unwrap();
     let scoring = GrpcOrigin::start().await.unwrap();
-    let _p1 = joined(&control, "user-profile", users.addr()).await;
-    let _p2 = joined(&control, "scoring", scoring.addr()).await;
+    let _p1 = joined_edtech(&control, "user-profile", users.addr()).await;
+    let _p2 = joined_edtech(&control, "scoring", scoring.addr()).await;
     let front_app = HttpOrigin::start().await.unwrap();
-    let (frontend, out) = joined(&control, "frontend", front_app.addr()).await;
+    let (frontend, out) = joined_edtech(&control, "frontend", front_app.addr()).await;
 
     let dir = TempDir::new("retries");
     let file = dir.path().join("rules.yaml");

@@ -12,41 +12,6 @@ use std::time::{Duration, Instant};
 use trellis_testkit::origin::http::HttpOrigin;
 use trellis_testkit::proxy::{Control, TempDir};
 
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-/// A proxy joined to `control` in namespace edtech with an inbound port in front of `app`.
-async fn joined(
-    control: &Control,
-    service: &str,
-    app: SocketAddr,
-    labels: &[&str],
-) -> (Trellis, SocketAddr) {
-    let (admin, inbound, outbound) = (free_addr(), free_addr(), free_addr());
-    let yaml = format!(
-        "service: {service}\nnamespace: edtech\nadmin: {admin}\noutbound: {{ listen: {outbound} }}\n\
-         inbound:\n  - listen: {inbound}\n    app: {app}\n"
-    );
-    let token = control.token(service, "edtech", &[]);
-    let grpc = control.grpc.to_string();
-    let mut args = vec!["--control", &grpc, "--token", token.to_str().unwrap()];
-    let labels: Vec<String> = labels.iter().map(|l| format!("--label={l}")).collect();
-    args.extend(labels.iter().map(String::as_str));
-    (proxy(&yaml, admin, &args).await, outbound)
-}
-
 const RULES: &str = "\
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -93,19 +58,29 @@ spec:
     - { destination: { host: user-profile, subset: v2 }, weight: 25 }
 ";
 
+/// A workload joined to `control` in namespace edtech.
+async fn joined_edtech(
+    control: &Control,
+    service: &str,
+    app: SocketAddr,
+    labels: &[&str],
+) -> (Trellis, SocketAddr) {
+    joined(control, service, "edtech", app, labels).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn virtual_services_route_split_rewrite_and_fail_as_configured() {
     let control = Control::start(BIN, &[]).await;
     let v1 = HttpOrigin::start_with_name("v1").await.unwrap();
     let v2 = HttpOrigin::start_with_name("v2").await.unwrap();
-    let _p1 = joined(
+    let _p1 = joined_edtech(
         &control,
         "user-profile",
         v1.addr(),
         &["app=user-profile", "version=v1"],
     )
     .await;
-    let _p2 = joined(
+    let _p2 = joined_edtech(
         &control,
         "user-profile",
         v2.addr(),
@@ -113,7 +88,8 @@ async fn virtual_services_route_split_rewrite_and_fail_as_configured() {
     )
     .await;
     let front_app = HttpOrigin::start().await.unwrap();
-    let (frontend, out) = joined(&control, "frontend", front_app.addr(), &["app=frontend"]).await;
+    let (frontend, out) =
+        joined_edtech(&control, "frontend", front_app.addr(), &["app=frontend"]).await;
 
     let dir = TempDir::new("routing");
     let file = dir.path().join("rules.yaml");

@@ -104,3 +104,42 @@ pub fn json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
 }
+
+/// Polls `f` every 25 ms until it returns `Some`, or panics with `what` after `limit`.
+pub async fn eventually<T, F, Fut>(limit: std::time::Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+/// A workload joined to `control` as `service.namespace` (with `--label` for each of
+/// `labels`): an inbound port in front of `app` and an outbound HTTP proxy listener. Returns
+/// the proxy and its outbound address.
+pub async fn joined(
+    control: &trellis_testkit::proxy::Control,
+    service: &str,
+    namespace: &str,
+    app: SocketAddr,
+    labels: &[&str],
+) -> (Trellis, SocketAddr) {
+    let (admin, inbound, outbound) = (free_addr(), free_addr(), free_addr());
+    let yaml = format!(
+        "service: {service}\nnamespace: {namespace}\nadmin: {admin}\noutbound: {{ listen: {outbound} }}\n\
+         inbound:\n  - listen: {inbound}\n    app: {app}\n"
+    );
+    let token = control.token(service, namespace, &[]);
+    let grpc = control.grpc.to_string();
+    let mut args = vec!["--control", &grpc, "--token", token.to_str().unwrap()];
+    let labels: Vec<String> = labels.iter().map(|l| format!("--label={l}")).collect();
+    args.extend(labels.iter().map(String::as_str));
+    (proxy(&yaml, admin, &args).await, outbound)
+}

@@ -108,7 +108,8 @@ pub(super) enum SendError {
     Upstream(SocketAddr, hyper::Error),
 }
 
-fn authority_of<B>(req: &Request<B>) -> Option<&str> {
+/// The host the request names: its URI authority, else its `Host` header.
+pub(crate) fn authority_of<B>(req: &Request<B>) -> Option<&str> {
     req.uri()
         .authority()
         .map(Authority::as_str)
@@ -184,19 +185,8 @@ impl Forwarder {
                 .forward(&vhost.cluster, None, None, client, req, start)
                 .await;
         }
+        let authority = authority_of(&req).unwrap_or_default().to_string();
         let (mut parts, body) = req.into_parts();
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            })
-            .unwrap_or_default();
         let (host, port) = split_host_port(&authority);
         let path = parts.uri.path().to_string();
         let (ns, labels) = &self.shared.workload;
@@ -248,15 +238,8 @@ impl Forwarder {
             }
         }
         if let Some(new_path) = route.rewritten_path(&path, &parts, &cx) {
-            let pq = match parts.uri.query() {
-                Some(q) => format!("{new_path}?{q}"),
-                None => new_path,
-            };
-            let mut uri = parts.uri.clone().into_parts();
-            uri.path_and_query = PathAndQuery::try_from(pq).ok();
-            if let Ok(u) = Uri::from_parts(uri) {
-                parts.uri = u;
-            }
+            let query = parts.uri.query().map(str::to_string);
+            super::set_path(&mut parts.uri, &new_path, query.as_deref());
         }
         if let Some(a) = route.rewrite.as_ref().and_then(|r| r.authority.clone()) {
             if parts.uri.authority().is_some() {
@@ -851,7 +834,7 @@ fn local_exchange(cluster: &Service, client: &ClientConn, start: Instant) -> Box
 }
 
 /// The response of an injected abort.
-fn aborted(abort: Abort, mut exchange: Box<Exchange>) -> Response<ResponseBody> {
+fn aborted(abort: Abort, exchange: Box<Exchange>) -> Response<ResponseBody> {
     match abort {
         Abort::Http(status) => respond::error(
             status,
@@ -859,25 +842,11 @@ fn aborted(abort: Abort, mut exchange: Box<Exchange>) -> Response<ResponseBody> 
             "trellis: fault injected by the route".into(),
             Some(exchange),
         ),
-        Abort::Grpc(code) => {
-            exchange.status = 200;
-            exchange.grpc_status = u16::try_from(code).ok();
-            let mut r = Response::new(ResponseBody::full(Vec::new(), Some(exchange)));
-            let h = r.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/grpc"),
-            );
-            h.insert("grpc-status", HeaderValue::from(code));
-            h.insert(
-                "grpc-message",
-                HeaderValue::from_static("fault%20injected%20by%20the%20route"),
-            );
-            h.insert(
-                respond::PROXY_ERROR_HEADER,
-                HeaderValue::from_static("fault-injected"),
-            );
-            r
-        }
+        Abort::Grpc(code) => respond::grpc_error(
+            code,
+            "fault%20injected%20by%20the%20route",
+            "fault-injected",
+            Some(exchange),
+        ),
     }
 }

@@ -15,6 +15,21 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
+/// Replaces the path of `uri`, keeping its scheme and authority; `query` (without `?`) is
+/// kept when given and non-empty. A path that is not a valid request target leaves `uri` as
+/// it was.
+pub fn set_path(uri: &mut http::Uri, path: &str, query: Option<&str>) {
+    let pq = match query {
+        Some(q) if !q.is_empty() => format!("{path}?{q}"),
+        _ => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = http::uri::PathAndQuery::try_from(pq).ok();
+    if let Ok(u) = http::Uri::from_parts(parts) {
+        *uri = u;
+    }
+}
+
 /// Server-side limits.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {

@@ -8,16 +8,15 @@
 //! After authorization, the workload's `RateLimit`s: a request over a limit is 429 with
 //! `retry-after` (gRPC: `RESOURCE_EXHAUSTED`). TCP connections are not rate limited.
 
-use super::authz::{Authz, HttpAttrs, JwtAttrs, RequestAttrs};
+use super::authz::{Authz, Decision, HttpAttrs, JwtAttrs, RequestAttrs};
 use super::jwt::{Authn, JwtAuthn};
 use super::path;
 use super::ratelimit::{Limited, RateLimits};
 use crate::http::body::ResponseBody;
-use crate::http::forward::ClientConn;
+use crate::http::forward::{authority_of, ClientConn};
 use crate::http::respond;
 use crate::telemetry::Metrics;
-use http::uri::PathAndQuery;
-use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 
 /// What the inbound listeners enforce.
 #[derive(Default)]
@@ -70,63 +69,34 @@ impl Inbound {
             }
         };
         if normalized != raw {
-            let pq = match req.uri().query() {
-                Some(q) => format!("{normalized}?{q}"),
-                None => normalized.clone(),
-            };
-            let mut parts = req.uri().clone().into_parts();
-            parts.path_and_query = PathAndQuery::try_from(pq).ok();
-            if let Ok(u) = Uri::from_parts(parts) {
-                *req.uri_mut() = u;
-            }
+            let query = req.uri().query().map(str::to_string);
+            crate::http::set_path(req.uri_mut(), &normalized, query.as_deref());
         }
         let jwt = self.authenticate(req)?;
-        if self.authz.is_empty() && !self.default_deny {
-            return self.rate_limit(req, &normalized, metrics);
-        }
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            })
-            .unwrap_or_default();
-        let host = super::authz::normalize_host(&authority);
-        // Policies match without `;` path parameters, which many servers ignore (`/admin;x`
-        // is `/admin` to a servlet container): a DENY on `/admin` must cover it.
+        // Policies and limits match without `;` path parameters, which many servers ignore
+        // (`/admin;x` is `/admin` to a servlet container): a DENY on `/admin` must cover it.
         let matched = without_path_params(&normalized);
-        let principal = principal(client);
-        let attrs = RequestAttrs {
-            source_principal: principal.as_deref(),
-            source_namespace: client.identity.as_ref().map(|i| i.namespace.as_str()),
-            source_ip: client.addr.ip(),
-            remote_ip: client.addr.ip(),
-            destination_ip: client.local.map(|a| a.ip()),
-            destination_port: client.local.map_or(0, |a| a.port()),
-            http: Some(HttpAttrs {
-                method: req.method().as_str(),
-                host: &host,
-                path: &matched,
-                headers: req.headers(),
-            }),
-            jwt: jwt.as_ref(),
-        };
-        let mut d = self.authz.decide(&attrs);
-        if self.default_deny && d.allowed && d.policy.is_none() {
-            d.allowed = false;
-            d.policy = Some(std::sync::Arc::from(DEFAULT_DENY));
+        if self.authz.is_empty() && !self.default_deny {
+            return self.rate_limit(req, &matched, metrics);
         }
-        metrics.authz_decision(d.action_label(), d.policy_label());
+        let host = super::authz::normalize_host(authority_of(req).unwrap_or_default());
+        let principal = principal(client);
+        let http = HttpAttrs {
+            method: req.method().as_str(),
+            host: &host,
+            path: &matched,
+            headers: req.headers(),
+        };
+        let d = self.decide(
+            &attrs(client, principal.as_deref(), Some(http), jwt.as_ref()),
+            metrics,
+        );
         for audit in &d.audit {
             metrics.authz_decision("audit", audit);
             tracing::info!(target: "trellis::authz", action = "audit", policy = %audit, source = principal.as_deref().unwrap_or("-"), method = %req.method(), path = %normalized, "authorization audit");
         }
         if d.allowed {
-            return self.rate_limit(req, &normalized, metrics);
+            return self.rate_limit(req, &matched, metrics);
         }
         tracing::info!(target: "trellis::authz", action = "deny", policy = d.policy_label(), source = principal.as_deref().unwrap_or("-"), method = %req.method(), path = %normalized, "request denied");
         Err(denied(req))
@@ -138,19 +108,18 @@ impl Inbound {
     fn rate_limit<B>(
         &self,
         req: &Request<B>,
-        normalized: &str,
+        path: &str,
         metrics: &Metrics,
     ) -> Result<(), Response<ResponseBody>> {
         if self.ratelimits.is_empty() {
             return Ok(());
         }
-        let path = without_path_params(normalized);
         let now = std::time::Instant::now();
-        match self.ratelimits.check(req.method().as_str(), &path, now) {
+        match self.ratelimits.check(req.method().as_str(), path, now) {
             Ok(()) => Ok(()),
             Err(limited) => {
                 metrics.ratelimited(&limited.limit);
-                tracing::debug!(target: "trellis::ratelimit", limit = %limited.limit, method = %req.method(), path = %normalized, "request rate limited");
+                tracing::debug!(target: "trellis::ratelimit", limit = %limited.limit, method = %req.method(), path = %path, "request rate limited");
                 Err(rate_limited(req, &limited))
             }
         }
@@ -189,20 +158,24 @@ impl Inbound {
             Authn::Valid(attrs, effects) => {
                 super::jwt::apply(&effects, req.headers_mut());
                 if let Some(q) = req.uri().query().and_then(|q| effects.rewrite_query(q)) {
-                    let pq = if q.is_empty() {
-                        req.uri().path().to_string()
-                    } else {
-                        format!("{}?{q}", req.uri().path())
-                    };
-                    let mut parts = req.uri().clone().into_parts();
-                    parts.path_and_query = PathAndQuery::try_from(pq).ok();
-                    if let Ok(u) = Uri::from_parts(parts) {
-                        *req.uri_mut() = u;
-                    }
+                    let path = req.uri().path().to_string();
+                    crate::http::set_path(req.uri_mut(), &path, Some(&q));
                 }
                 Ok(Some(attrs))
             }
         }
+    }
+
+    /// Decides with the workload's policies and the Mesh's default-deny switch, and counts
+    /// the decision.
+    fn decide(&self, attrs: &RequestAttrs<'_>, metrics: &Metrics) -> Decision {
+        let mut d = self.authz.decide(attrs);
+        if self.default_deny && d.allowed && d.policy.is_none() {
+            d.allowed = false;
+            d.policy = Some(std::sync::Arc::from(DEFAULT_DENY));
+        }
+        metrics.authz_decision(d.action_label(), d.policy_label());
+        d
     }
 
     /// Checks a TCP connection (no HTTP attributes): `false` closes it.
@@ -211,22 +184,7 @@ impl Inbound {
             return true;
         }
         let principal = principal(client);
-        let attrs = RequestAttrs {
-            source_principal: principal.as_deref(),
-            source_namespace: client.identity.as_ref().map(|i| i.namespace.as_str()),
-            source_ip: client.addr.ip(),
-            remote_ip: client.addr.ip(),
-            destination_ip: client.local.map(|a| a.ip()),
-            destination_port: client.local.map_or(0, |a| a.port()),
-            http: None,
-            jwt: None,
-        };
-        let mut d = self.authz.decide(&attrs);
-        if self.default_deny && d.allowed && d.policy.is_none() {
-            d.allowed = false;
-            d.policy = Some(std::sync::Arc::from(DEFAULT_DENY));
-        }
-        metrics.authz_decision(d.action_label(), d.policy_label());
+        let d = self.decide(&attrs(client, principal.as_deref(), None, None), metrics);
         if !d.allowed {
             tracing::info!(target: "trellis::authz", action = "deny", policy = d.policy_label(), source = principal.as_deref().unwrap_or("-"), client = %client.addr, "connection denied");
         }
@@ -234,31 +192,30 @@ impl Inbound {
     }
 }
 
-/// Whether the request is gRPC.
-fn is_grpc<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
+/// What authorization sees of a client (and, for HTTP, of its request).
+fn attrs<'a>(
+    client: &ClientConn,
+    principal: Option<&'a str>,
+    http: Option<HttpAttrs<'a>>,
+    jwt: Option<&'a JwtAttrs>,
+) -> RequestAttrs<'a> {
+    RequestAttrs {
+        source_principal: principal,
+        source_namespace: principal.and_then(super::authz::principal_namespace),
+        source_ip: client.addr.ip(),
+        remote_ip: client.addr.ip(),
+        destination_ip: client.local.map(|a| a.ip()),
+        destination_port: client.local.map_or(0, |a| a.port()),
+        http,
+        jwt,
+    }
 }
 
 /// 429 with `retry-after`, or for gRPC a trailers-only `RESOURCE_EXHAUSTED`.
 fn rate_limited<B>(req: &Request<B>, limited: &Limited) -> Response<ResponseBody> {
     let retry_after = HeaderValue::from(limited.retry_after_secs());
-    let mut r = if is_grpc(req) {
-        let mut r = Response::new(ResponseBody::empty());
-        let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        h.insert("grpc-status", HeaderValue::from_static("8"));
-        h.insert("grpc-message", HeaderValue::from_static("rate%20limited"));
-        h.insert(
-            respond::PROXY_ERROR_HEADER,
-            HeaderValue::from_static("rate-limited"),
-        );
-        r
+    let mut r = if respond::is_grpc(req) {
+        respond::grpc_error(8, "rate%20limited", "rate-limited", None)
     } else {
         respond::error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -273,23 +230,8 @@ fn rate_limited<B>(req: &Request<B>, limited: &Limited) -> Response<ResponseBody
 
 /// 403, or for gRPC a trailers-only `PERMISSION_DENIED`.
 fn denied<B>(req: &Request<B>) -> Response<ResponseBody> {
-    if is_grpc(req) {
-        let mut r = Response::new(ResponseBody::empty());
-        let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        h.insert("grpc-status", HeaderValue::from_static("7"));
-        h.insert(
-            "grpc-message",
-            HeaderValue::from_static("RBAC%3A%20access%20denied"),
-        );
-        h.insert(
-            respond::PROXY_ERROR_HEADER,
-            HeaderValue::from_static("authz-denied"),
-        );
-        return r;
+    if respond::is_grpc(req) {
+        return respond::grpc_error(7, "RBAC%3A%20access%20denied", "authz-denied", None);
     }
     respond::error(
         StatusCode::FORBIDDEN,
