@@ -64,6 +64,13 @@ fn status(control: &Control) -> Value {
     json(&out)
 }
 
+/// The status, once exactly `n` proxies are registered and all of them are in sync.
+fn all_in_sync(control: &Control, n: usize) -> Option<Value> {
+    let st = status(control);
+    let proxies = st["proxies"].as_array()?;
+    (proxies.len() == n && proxies.iter().all(|p| p["in_sync"] == true)).then_some(st)
+}
+
 fn proxies_of(status: &Value, service: &str) -> Vec<Value> {
     status["proxies"]
         .as_array()
@@ -139,14 +146,7 @@ async fn proxies_discover_each_other_and_get_their_config_within_a_second() {
 
     // Both are registered, with their labels, and in sync.
     let st = eventually(Duration::from_secs(5), "both proxies in sync", || async {
-        let st = status(&control);
-        let ok = st["proxies"].as_array().unwrap().len() == 2
-            && st["proxies"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|p| p["in_sync"] == true);
-        ok.then_some(st)
+        all_in_sync(&control, 2)
     })
     .await;
     let p = &proxies_of(&st, "user-profile")[0];
@@ -432,14 +432,7 @@ async fn traffic_and_restarts_survive_a_control_plane_outage() {
     )
     .await;
     eventually(Duration::from_secs(5), "both in sync", || async {
-        let st = status(&control);
-        (st["proxies"].as_array().unwrap().len() == 2
-            && st["proxies"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|p| p["in_sync"] == true))
-        .then_some(())
+        all_in_sync(&control, 2)
     })
     .await;
     assert!(front_state.path().join("config.pb").exists());
@@ -499,16 +492,7 @@ async fn traffic_and_restarts_survive_a_control_plane_outage() {
     eventually(
         Duration::from_secs(10),
         "both proxies back in sync",
-        || async {
-            let st = status(&control);
-            (st["proxies"].as_array().unwrap().len() == 2
-                && st["proxies"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .all(|p| p["in_sync"] == true))
-            .then_some(())
-        },
+        || async { all_in_sync(&control, 2) },
     )
     .await;
     let dir = TempDir::new("push-after");
