@@ -157,3 +157,90 @@ async fn connect_tunnel_through_the_http_proxy_listener() {
     assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
     assert!(resp.contains("nowhere"), "{resp}");
 }
+
+/// Reads the first line a server sends over `s`.
+async fn first_line<S: tokio::io::AsyncRead + Unpin>(s: S) -> String {
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        BufReader::new(s).read_line(&mut line),
+    )
+    .await
+    .expect("a line within 10s")
+    .unwrap();
+    line
+}
+
+/// Opens `CONNECT authority` on the outbound listener and returns the tunnel's first line.
+async fn tunnel_banner(outbound: std::net::SocketAddr, authority: &str) -> String {
+    let mut s = TcpStream::connect(outbound).await.unwrap();
+    let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).await.unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{authority}: {line}");
+    while line != "\r\n" {
+        line.clear();
+        r.read_line(&mut line).await.unwrap();
+    }
+    first_line(r).await
+}
+
+#[tokio::test]
+async fn tcp_routes_send_connections_by_port_and_weight() {
+    let primary = BannerOrigin::start_with("primary\r\n").await.unwrap();
+    let replica = BannerOrigin::start_with("replica\r\n").await.unwrap();
+    let (admin, outbound, db_port) = (free_addr(), free_addr(), free_addr());
+    let dir = trellis_testkit::proxy::TempDir::new("tcp-routes");
+    let rules = dir.path().join("rules.yaml");
+    // The per-upstream port of `db` and CONNECT to port 5432 go to the replica; CONNECT to
+    // 6000 splits 50/50; any other port (CONNECT db:7000) goes to `db` itself.
+    std::fs::write(
+        &rules,
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+             metadata: {{ name: db, namespace: default }}\n\
+             spec:\n  hosts: [db]\n  tcp:\n\
+             \x20 - match: [{{ port: {} }}, {{ port: 5432 }}]\n\
+             \x20   route: [{{ destination: {{ host: db-replica }} }}]\n\
+             \x20 - match: [{{ port: 6000 }}]\n\
+             \x20   route:\n\
+             \x20   - {{ destination: {{ host: db }}, weight: 50 }}\n\
+             \x20   - {{ destination: {{ host: db-replica }}, weight: 50 }}\n",
+            db_port.port()
+        ),
+    )
+    .unwrap();
+    let yaml = format!(
+        "service: api\nadmin: {admin}\noutbound: {{ listen: {outbound} }}\n\
+         upstreams:\n\
+         \x20 - service: db\n    listen: {db_port}\n    protocol: tcp\n    endpoints: [{}]\n\
+         \x20 - service: db-replica\n    endpoints: [{}]\n\
+         resources: [{}]\n",
+        primary.addr(),
+        replica.addr(),
+        rules.display()
+    );
+    let p = proxy(&yaml, admin, &[]).await;
+
+    let s = TcpStream::connect(db_port).await.unwrap();
+    assert_eq!(first_line(s).await, "replica\r\n", "per-upstream port");
+    assert_eq!(tunnel_banner(outbound, "db:5432").await, "replica\r\n");
+    assert_eq!(tunnel_banner(outbound, "db:7000").await, "primary\r\n");
+    let mut replicas = 0;
+    for _ in 0..200 {
+        if tunnel_banner(outbound, "db.default:6000").await == "replica\r\n" {
+            replicas += 1;
+        }
+    }
+    // Binomial(200, 0.5): 70..=130 is beyond five standard deviations.
+    assert!(
+        (70..=130).contains(&replicas),
+        "{replicas} of 200 to the replica"
+    );
+
+    // The routes are visible in /config.
+    let (_, config) = p.admin_get("/config").await;
+    assert!(config.contains("default/db#tcp0"), "{config}");
+}

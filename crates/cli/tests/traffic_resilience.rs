@@ -131,6 +131,80 @@ async fn a_failing_endpoint_is_ejected_then_comes_back() {
     assert!(bad.requests() > bad_before);
 }
 
+const LATENCY_RULES: &str = "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: user-profile
+  namespace: edtech
+  annotations: { trellis.dev/latency-outlier-ratio: \"3\" }
+spec:
+  host: user-profile
+  trafficPolicy:
+    loadBalancer: { simple: ROUND_ROBIN }
+    outlierDetection: { interval: 1s, baseEjectionTime: 3s, maxEjectionPercent: 50 }
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_endpoint_is_ejected_as_a_latency_outlier_then_comes_back() {
+    let fast_a = HttpOrigin::start_with_name("fast-a").await.unwrap();
+    let fast_b = HttpOrigin::start_with_name("fast-b").await.unwrap();
+    let slow = HttpOrigin::start_with_delay("slow", Duration::from_millis(60))
+        .await
+        .unwrap();
+    let dir = TempDir::new("latency-outlier");
+    let upstreams = format!(
+        "  - service: user-profile\n    endpoints: [{}, {}, {}]\n",
+        fast_a.addr(),
+        fast_b.addr(),
+        slow.addr()
+    );
+    let (proxy, outbound) = frontend(&dir, &upstreams, LATENCY_RULES).await;
+    let h2 = H2::connect(outbound).await;
+    let host = "user-profile.edtech";
+    let series = "trellis_outlier_ejections_total{destination_service=\"user-profile\",destination_namespace=\"edtech\"}";
+
+    // Every answer is a 200: only its p99 (60 ms against well under 20 ms) marks the slow one.
+    let ejected_at = eventually(Duration::from_secs(10), "latency ejection", || async {
+        let sent: Vec<_> = (0..15)
+            .map(|_| {
+                let h2 = h2.clone();
+                tokio::spawn(async move { get(&h2, host, "/echo").await })
+            })
+            .collect();
+        for s in sent {
+            assert_eq!(s.await.unwrap().0, 200);
+        }
+        let text = proxy.metrics().await;
+        (metric(&text, series) >= 1.0).then(Instant::now)
+    })
+    .await;
+
+    // Ejected: the slow endpoint gets nothing while the fast ones answer.
+    let slow_before = slow.requests();
+    for i in 0..30 {
+        let (status, origin, _) = get(&h2, host, "/echo").await;
+        assert_eq!(status, 200, "request {i}");
+        assert_ne!(origin, "slow", "request {i}");
+    }
+    assert_eq!(slow.requests(), slow_before);
+    let (_, config) = proxy.admin_get("/config").await;
+    assert!(config.contains("\"ejected\": true"), "{config}");
+
+    // Back after its ejection time (3 s).
+    tokio::time::sleep(
+        Duration::from_secs(3).saturating_sub(ejected_at.elapsed()) + Duration::from_millis(300),
+    )
+    .await;
+    for _ in 0..6 {
+        get(&h2, host, "/echo").await;
+    }
+    assert!(
+        slow.requests() > slow_before,
+        "the endpoint is back after its ejection time"
+    );
+}
+
 const LIMIT_RULES: &str = "\
 apiVersion: networking.istio.io/v1
 kind: DestinationRule

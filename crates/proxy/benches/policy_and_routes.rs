@@ -21,7 +21,7 @@ use trellis_api::resources::{parse, AuthorizationPolicy, Loaded, Resource};
 use trellis_proxy::policy::authz::{Authz, HttpAttrs, RequestAttrs};
 use trellis_proxy::policy::path;
 use trellis_proxy::route::compile::{compile, ClusterSpec};
-use trellis_proxy::route::matcher::MatchContext;
+use trellis_proxy::route::matcher::{MatchContext, Source};
 use trellis_proxy::route::{Decision, VirtualHost};
 use trellis_proxy::telemetry::metrics::Peer;
 use trellis_proxy::telemetry::Metrics;
@@ -325,8 +325,10 @@ fn bench_routes(c: &mut Criterion) {
             path,
             authority: "catalog",
             port: Some(80),
-            source_labels: &labels,
-            source_namespace: NAMESPACE,
+            source: Source {
+                labels: &labels,
+                namespace: NAMESPACE,
+            },
         };
         assert_eq!(routed_to(&vh.decide(&head, &cx)), expect, "{name}");
         if expect.is_none() {

@@ -23,8 +23,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// Draining: `/ready` answers 503.
     pub draining: AtomicBool,
-    /// The effective config as JSON (replaced when a new config is applied).
-    pub config_json: arc_swap::ArcSwap<String>,
+    /// Builds the effective config as JSON (`GET /config`).
+    pub config_json: Box<dyn Fn() -> String + Send + Sync>,
     /// The workload identity, when the proxy has one.
     pub identity: Option<Arc<trellis_identity::IdentityStore>>,
     /// Cancelled by `POST /shutdown` to start a drain.
@@ -99,7 +99,7 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Respon
             );
             r
         }
-        (&Method::GET, "/config") => json(state.config_json.load().to_string()),
+        (&Method::GET, "/config") => json((state.config_json)()),
         (&Method::GET, "/certs") => json(certs_json(state.identity.as_deref()).to_string()),
         (&Method::POST, "/shutdown") => {
             if !peer.ip().is_loopback() {

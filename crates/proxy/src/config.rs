@@ -309,7 +309,8 @@ impl Bootstrap {
                     | Resource::RequestAuthentication(_)
                     | Resource::RateLimit(_)
                     | Resource::VirtualService(_)
-                    | Resource::DestinationRule(_) => boot.loaded.push(loaded),
+                    | Resource::DestinationRule(_)
+                    | Resource::HttpRoute(_) => boot.loaded.push(loaded),
                     other => errors.push(trellis_api::resources::ResourceError {
                         source: loaded.source.clone(),
                         object: {
@@ -317,7 +318,7 @@ impl Bootstrap {
                             format!("{kind}/{}", meta.name)
                         },
                         field: "kind".into(),
-                        message: "the proxy does not apply this kind in static mode yet (PeerAuthentication, AuthorizationPolicy, RequestAuthentication, RateLimit, VirtualService and DestinationRule only)".into(),
+                        message: "the proxy does not apply this kind in static mode yet (PeerAuthentication, AuthorizationPolicy, RequestAuthentication, RateLimit, VirtualService, DestinationRule and HTTPRoute only)".into(),
                     }),
                 }
             }

@@ -190,11 +190,13 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
         metrics: metrics.clone(),
         ready: Default::default(),
         draining: Default::default(),
-        config_json: arc_swap::ArcSwap::from_pointee(live.config_json(saved.as_ref())),
+        config_json: {
+            let live = Arc::downgrade(&live);
+            Box::new(move || live.upgrade().map(|l| l.config_json()).unwrap_or_default())
+        },
         identity: identity.clone(),
         shutdown_requested: CancellationToken::new(),
     });
-    *live.admin.lock().unwrap_or_else(|e| e.into_inner()) = Some(state.clone());
     tokio::spawn(admin::serve(admin_listener, state.clone()));
 
     let mut accept_loops = Vec::new();

@@ -207,7 +207,11 @@ where
                     .load()
                     .check_connection(&client, &ctx.metrics) => {}
             Some(target) => match target.host(&l.forwarder.shared.services.load()) {
-                Ok(host) => crate::tcp::forward(io, &host.cluster).await,
+                Ok(host) => {
+                    let port = client.local.map(|a| a.port());
+                    let shared = &l.forwarder.shared;
+                    crate::tcp::forward(io, &host, port, &shared.source()).await
+                }
                 Err(e) => {
                     tracing::info!(listener = %l.name, client = %client.addr, error = %e, "TCP connection closed");
                 }

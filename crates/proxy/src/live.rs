@@ -3,7 +3,6 @@
 //! the listener behaviour they were accepted with; every request resolves its upstream in the
 //! current service table.
 
-use crate::admin::AdminState;
 use crate::assemble::{assemble, Assembly};
 use crate::config::{Bootstrap, MtlsMode};
 use crate::control_stream::Apply;
@@ -30,7 +29,8 @@ pub struct Live {
     pub(crate) state_dir: Option<PathBuf>,
     /// One slot per bound listener, in the order [`assemble`] returns them.
     pub(crate) listeners: Vec<Arc<ArcSwap<Listener>>>,
-    pub(crate) admin: Mutex<Option<Arc<AdminState>>>,
+    /// The last pushed config as `/config` shows it (`null` before any).
+    pushed_json: ArcSwap<serde_json::Value>,
     version: AtomicU64,
     /// Applies one at a time.
     applying: Mutex<()>,
@@ -80,15 +80,16 @@ impl Live {
             shared,
             state_dir,
             listeners: slots,
-            admin: Mutex::new(None),
+            pushed_json: ArcSwap::from_pointee(serde_json::to_value(pushed).unwrap_or_default()),
             version: AtomicU64::new(version),
             applying: Mutex::new(()),
         });
         Ok((live, addrs))
     }
 
-    /// The effective config as the admin `/config` shows it.
-    pub fn config_json(&self, pushed: Option<&Pushed>) -> String {
+    /// The effective config as the admin `/config` shows it, built when asked: routes and
+    /// clusters with their endpoints' current state (outlier ejections).
+    pub fn config_json(&self) -> String {
         let table = self.shared.services.load();
         let mut hosts: Vec<serde_json::Value> = table.services().map(|h| h.describe()).collect();
         hosts.sort_by(|a, b| a["host"].as_str().cmp(&b["host"].as_str()));
@@ -96,7 +97,7 @@ impl Live {
             "version": self.version(),
             "bootstrap": &self.boot,
             "resources": &self.boot.loaded,
-            "pushed": pushed,
+            "pushed": &**self.pushed_json.load(),
             "routes": hosts,
         }))
         .unwrap_or_default()
@@ -135,16 +136,8 @@ impl Apply for Live {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot save the config in the state directory");
             }
         }
-        if let Some(admin) = self
-            .admin
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            admin
-                .config_json
-                .store(Arc::new(self.config_json(Some(&pushed))));
-        }
+        self.pushed_json
+            .store(Arc::new(serde_json::to_value(&pushed).unwrap_or_default()));
         Ok(())
     }
 

@@ -1,15 +1,24 @@
 //! Opaque TCP forwarding: bytes both ways, half-close passed on.
 
-use crate::upstream::Service;
+use crate::route::matcher::Source;
+use crate::route::VirtualHost;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-/// Pipes `client` to an endpoint of `service` until both directions have closed. When one
-/// side finishes sending, the other side's write half is shut down (half-close), so
+/// Pipes `client`, which connected to `port`, to an endpoint of the host's service (or of
+/// the cluster its TCP routes choose) until both directions have closed. When one side
+/// finishes sending, the other side's write half is shut down (half-close), so
 /// request/response protocols that signal "done" with a FIN keep working.
-pub async fn forward<I>(mut client: I, service: &Service)
+pub async fn forward<I>(mut client: I, host: &VirtualHost, port: Option<u16>, source: &Source<'_>)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
+    let Some((service, route)) = host.tcp_cluster(port, source) else {
+        tracing::info!(service = %host.key, "TCP connection closed: its route has no reachable destination");
+        return;
+    };
+    if let Some(r) = route {
+        tracing::debug!(route = %r.name, cluster = %service.key, subset = ?service.subset, "TCP route matched");
+    }
     // No request to hash: consistent-hash policies pick at random here.
     let Some(endpoint) = service.pick(None) else {
         tracing::info!(service = %service.key, "TCP connection closed: service has no endpoints");

@@ -64,11 +64,30 @@ pub struct Subset {
     pub traffic_policy: Option<TrafficPolicy>,
 }
 
+/// Annotation that turns on latency outlier detection (a Trellis extension; Istio has no
+/// field for it): eject an endpoint whose recent p99 is this many times its peers' median.
+pub const LATENCY_OUTLIER_ANNOTATION: &str = "trellis.dev/latency-outlier-ratio";
+
 impl DestinationRule {
+    /// The ratio of [`LATENCY_OUTLIER_ANNOTATION`] in hundredths (`"3"` is 300), if set.
+    pub fn latency_outlier_ratio(&self) -> Result<Option<u32>, Invalid> {
+        let Some(v) = self.metadata.annotations.get(LATENCY_OUTLIER_ANNOTATION) else {
+            return Ok(None);
+        };
+        match v.trim().parse::<f64>() {
+            Ok(r) if (1.5..=100.0).contains(&r) => Ok(Some((r * 100.0).round() as u32)),
+            _ => Err((
+                format!("metadata.annotations[{LATENCY_OUTLIER_ANNOTATION}]"),
+                format!("{v:?}: must be a number from 1.5 to 100 (times the peers' median p99)"),
+            )),
+        }
+    }
+
     /// Checks host, unique subset names and the traffic policies.
     pub fn validate(&self) -> Result<(), Invalid> {
         let spec = &self.spec;
         check_non_empty(&spec.host, "spec.host", "host")?;
+        self.latency_outlier_ratio()?;
         if let Some(tp) = &spec.traffic_policy {
             tp.validate("spec.trafficPolicy")?;
         }

@@ -12,8 +12,8 @@ use super::mirror;
 use super::respond;
 use crate::resilience::replay::Replay;
 use crate::resilience::retry::Outcome;
-use crate::route::matcher::MatchContext;
-use crate::route::{Abort, Action, Decision, Route, VirtualHost};
+use crate::route::matcher::{MatchContext, Source};
+use crate::route::{Abort, Action, Decision, RedirectPort, Route, VirtualHost};
 use crate::telemetry::metrics::{Metrics, Peer};
 use crate::telemetry::AccessLog;
 use crate::tls::UpstreamUse;
@@ -86,6 +86,16 @@ pub struct Shared {
     pub jwks: crate::policy::jwt::JwksCache,
     /// The workload's identity and inbound policies (swapped when a new config arrives).
     pub inbound: ArcSwap<crate::policy::inbound::Inbound>,
+}
+
+impl Shared {
+    /// This workload as routes' `sourceLabels` / `sourceNamespace` see it.
+    pub fn source(&self) -> Source<'_> {
+        Source {
+            labels: &self.workload.1,
+            namespace: &self.workload.0,
+        }
+    }
 }
 
 /// Forwards the requests of one listener.
@@ -167,7 +177,20 @@ impl Forwarder {
             }
         };
         if req.method() == Method::CONNECT {
-            return Ok(self.tunnel(vhost.cluster.clone(), req).await);
+            let port = authority_of(&req).and_then(|a| split_host_port(a).1);
+            let Some((cluster, _)) = vhost.tcp_cluster(port, &self.shared.source()) else {
+                return Ok(respond::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no-route",
+                    format!(
+                        "trellis: the TCP route for {} has no reachable destination",
+                        vhost.key
+                    ),
+                    None,
+                ));
+            };
+            let cluster = cluster.clone();
+            return Ok(self.tunnel(cluster, req).await);
         }
         Ok(self.route(vhost, client, req, start).await)
     }
@@ -189,13 +212,11 @@ impl Forwarder {
         let (mut parts, body) = req.into_parts();
         let (host, port) = split_host_port(&authority);
         let path = parts.uri.path().to_string();
-        let (ns, labels) = &self.shared.workload;
         let cx = MatchContext {
             path: &path,
             authority: host,
             port,
-            source_labels: labels,
-            source_namespace: ns,
+            source: self.shared.source(),
         };
         let decision = vhost.decide(&parts, &cx);
         let (cluster, route, backend_headers) = match decision {
@@ -209,7 +230,7 @@ impl Forwarder {
             }
             Decision::Answer(route) => {
                 let ex = local_exchange(&vhost.cluster, &client, start);
-                return answer(route, &parts, &authority, ex);
+                return answer(route, &parts, &cx, &authority, ex);
             }
             Decision::Forward {
                 cluster,
@@ -454,10 +475,12 @@ impl Forwarder {
                 Some(u) => tokio::time::timeout_at(u, sent).await.ok(),
                 None => Some(sent.await),
             };
+            let mut latency = None;
             let (attempt, outcome) = match result {
                 Some(Ok((resp, pooled))) => {
-                    let latency = in_flight.started().elapsed();
-                    in_flight.finish(latency);
+                    let took = in_flight.started().elapsed();
+                    in_flight.finish(took);
+                    latency = Some(took);
                     let outcome =
                         Outcome::Response(resp.status(), headers::grpc_status(resp.headers()));
                     (Attempt::Answered(resp, pooled), Some(outcome))
@@ -478,10 +501,13 @@ impl Forwarder {
                             Some(exchange),
                         )
                     }
-                    _ => (Attempt::TimedOut, Some(Outcome::PerTryTimeout)),
+                    _ => {
+                        latency = Some(in_flight.started().elapsed());
+                        (Attempt::TimedOut, Some(Outcome::PerTryTimeout))
+                    }
                 },
             };
-            service.report(&endpoint, outcome.into());
+            service.report(&endpoint, outcome.into(), latency);
             let (Some(policy), Some(replay), Some(outcome)) = (retry, &replay, outcome) else {
                 break attempt;
             };
@@ -769,6 +795,7 @@ fn split_host_port(authority: &str) -> (&str, Option<u16>) {
 fn answer(
     route: &Route,
     parts: &http::request::Parts,
+    cx: &MatchContext<'_>,
     authority: &str,
     mut exchange: Box<Exchange>,
 ) -> Response<ResponseBody> {
@@ -787,18 +814,29 @@ fn answer(
         Action::Redirect(rd) => {
             let (host, port) = split_host_port(authority);
             let host = rd.authority.as_deref().unwrap_or(host);
-            let port = rd.port.or(port);
+            let port = match rd.port {
+                RedirectPort::Keep => port,
+                RedirectPort::Set(p) => Some(p),
+                RedirectPort::Omit => None,
+            };
             let scheme = rd
                 .scheme
                 .as_deref()
                 .or(parts.uri.scheme_str())
                 .unwrap_or("http");
-            let path = rd.uri.clone().unwrap_or_else(|| {
-                parts
+            let path = match &rd.uri {
+                Some(edit) => {
+                    let new = route.edited_path(edit, cx.path, parts, cx);
+                    match parts.uri.query() {
+                        Some(q) if !new.contains('?') => format!("{new}?{q}"),
+                        _ => new,
+                    }
+                }
+                None => parts
                     .uri
                     .path_and_query()
-                    .map_or_else(|| "/".into(), |p| p.to_string())
-            });
+                    .map_or_else(|| "/".into(), |p| p.to_string()),
+            };
             let location = match port {
                 Some(p) => format!("{scheme}://{host}:{p}{path}"),
                 None => format!("{scheme}://{host}{path}"),

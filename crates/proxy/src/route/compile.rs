@@ -10,9 +10,10 @@
 //! `connectionPool` (circuit breaking) and `outlierDetection` are resolved the same way, each
 //! on its own (a subset with only a load balancer keeps the service's connection pool).
 
-use super::matcher::HttpMatch;
+use super::matcher::{ConnMatch, HttpMatch};
 use super::{
-    Abort, Action, Backend, Edits, Fault, HeaderOps, Mirror, Redirect, Rewrite, Route, VirtualHost,
+    Abort, Action, Backend, Edits, Fault, HeaderOps, Mirror, PathEdit, Redirect, RedirectPort,
+    Rewrite, Route, VirtualHost,
 };
 use crate::balance::{policy_from, HashOn};
 use crate::resilience::retry::RetryPolicy;
@@ -28,7 +29,7 @@ use trellis_api::names::ServiceKey;
 use trellis_api::resources::destination_rule::DestinationRule;
 use trellis_api::resources::http_policy::{self, HeaderOperations, Headers};
 use trellis_api::resources::traffic_policy::TrafficPolicy;
-use trellis_api::resources::virtual_service::{HttpRoute, VirtualService};
+use trellis_api::resources::virtual_service::{HttpRoute, TcpRoute, VirtualService};
 use trellis_api::resources::{Loaded, Resource};
 
 /// A service's endpoints (with their labels) before routing is compiled.
@@ -87,17 +88,6 @@ pub fn compile(
                 meta.name
             ));
         }
-    }
-    // Gateway API routes are validated on apply but not routed yet: refused, never ignored.
-    if let Some(route) = resources.iter().find_map(|l| match &l.resource {
-        Resource::HttpRoute(r) => Some(r),
-        _ => None,
-    }) {
-        return Err(format!(
-            "HTTPRoute {}/{}: not routed by this proxy yet (use a VirtualService)",
-            route.metadata.namespace(),
-            route.metadata.name
-        ));
     }
     let balancing = rules
         .iter()
@@ -183,12 +173,19 @@ pub fn compile(
             continue;
         };
         let ns = vs.metadata.namespace();
-        if !vs.spec.tcp.is_empty() {
-            return Err(format!(
-                "VirtualService {ns}/{}: spec.tcp: not enforced by this proxy yet",
-                vs.metadata.name
-            ));
+        // Bound to gateways only (`gateways` without `mesh`): not for sidecars.
+        let gateways = &vs.spec.gateways;
+        if !gateways.is_empty() && !gateways.iter().any(|g| g == "mesh") {
+            tracing::debug!(vs = %vs.metadata.name, "VirtualService applies to gateways only; skipped");
+            continue;
         }
+        let cluster_for = |h: &str, subset: Option<&str>| {
+            let k = resolve(h, ns)?;
+            Some(match subset {
+                Some(s) => subset_cluster(&k, s),
+                None => base.get(&k)?.clone(),
+            })
+        };
         for host in &vs.spec.hosts {
             let Some(key) = resolve(host, ns) else {
                 tracing::debug!(host = %host, vs = %vs.metadata.name, "VirtualService host is not a known service; skipped");
@@ -206,15 +203,14 @@ pub fn compile(
                 .http
                 .iter()
                 .enumerate()
-                .map(|(i, r)| {
-                    compile_route(vs, i, r, &|h, subset| {
-                        let k = resolve(h, ns)?;
-                        Some(match subset {
-                            Some(s) => subset_cluster(&k, s),
-                            None => base.get(&k)?.clone(),
-                        })
-                    })
-                })
+                .map(|(i, r)| compile_route(vs, i, r, &cluster_for))
+                .collect::<Result<Vec<_>, String>>()?;
+            let tcp_routes = vs
+                .spec
+                .tcp
+                .iter()
+                .enumerate()
+                .map(|(i, r)| compile_tcp_route(vs, i, r, &cluster_for))
                 .collect::<Result<Vec<_>, String>>()?;
             hosts.insert(
                 key.clone(),
@@ -222,9 +218,30 @@ pub fn compile(
                     key,
                     cluster,
                     routes,
+                    tcp_routes,
                 }),
             );
         }
+    }
+    // Gateway API HTTPRoutes attached to a service; a VirtualService for the same host wins.
+    let gateway_routes = super::gateway::compile(resources, resolve, &|k| base.get(k).cloned())?;
+    for (key, routes) in gateway_routes {
+        if hosts.contains_key(&key) {
+            tracing::warn!(host = %key, "a VirtualService already routes this service; its HTTPRoutes are ignored");
+            continue;
+        }
+        let Some(cluster) = base.get(&key).cloned() else {
+            continue;
+        };
+        hosts.insert(
+            key.clone(),
+            Arc::new(VirtualHost {
+                key,
+                cluster,
+                routes,
+                tcp_routes: Vec::new(),
+            }),
+        );
     }
     for (key, cluster) in base {
         hosts
@@ -299,9 +316,25 @@ fn rule_balancing(r: &DestinationRule) -> Result<RuleBalancing, String> {
     });
     let service = all.next().transpose()?.flatten();
     let subsets = all.collect::<Result<Vec<_>, String>>()?;
-    let resilience = traffic_policies(r)
+    let mut resilience = traffic_policies(r)
         .map(|(path, tp)| resilience_parts(&format!("{at}: {path}"), tp))
         .collect::<Result<Vec<_>, String>>()?;
+    // Latency outliers (an annotation): on for the service, with Istio's outlier defaults
+    // when the rule sets no `outlierDetection`, and for subsets with their own.
+    let ratio = r
+        .latency_outlier_ratio()
+        .map_err(|(field, e)| format!("{at}: {field}: {e}"))?;
+    if let Some(ratio) = ratio {
+        let service = resilience[0]
+            .outlier
+            .get_or_insert_with(OutlierConfig::default);
+        service.latency_ratio_percent = Some(ratio);
+        for part in &mut resilience[1..] {
+            if let Some(o) = &mut part.outlier {
+                o.latency_ratio_percent = Some(ratio);
+            }
+        }
+    }
     Ok(RuleBalancing {
         service,
         subsets,
@@ -459,10 +492,13 @@ fn compile_route(
         Action::Direct { status, body }
     } else if let Some(rd) = &r.redirect {
         Action::Redirect(Redirect {
-            uri: rd.uri.clone(),
+            uri: rd.uri.clone().map(|value| PathEdit { value, whole: true }),
             authority: rd.authority.clone(),
             scheme: rd.scheme.clone(),
-            port: rd.port.and_then(|p| u16::try_from(p).ok()),
+            port: match rd.port.and_then(|p| u16::try_from(p).ok()) {
+                Some(p) => RedirectPort::Set(p),
+                None => RedirectPort::Keep,
+            },
             status: rd
                 .redirect_code
                 .and_then(|c| StatusCode::from_u16(c as u16).ok())
@@ -503,7 +539,10 @@ fn compile_route(
     };
     let rewrite = match &r.rewrite {
         Some(rw) => Some(Rewrite {
-            uri: rw.uri.clone(),
+            uri: rw.uri.clone().map(|value| PathEdit {
+                value,
+                whole: false,
+            }),
             authority: rw
                 .authority
                 .as_deref()
@@ -524,6 +563,52 @@ fn compile_route(
         fault: r.fault.as_ref().map(fault),
         retry,
         mirrors,
+    })
+}
+
+/// Compiles `spec.tcp[index]` of a VirtualService. A destination this proxy cannot resolve
+/// yet is left out, as for HTTP routes; a route left with none closes its connections.
+fn compile_tcp_route(
+    vs: &VirtualService,
+    index: usize,
+    r: &TcpRoute,
+    cluster_for: &ClusterFor<'_>,
+) -> Result<super::TcpRoute, String> {
+    let at = format!(
+        "VirtualService {}/{}: spec.tcp[{index}]",
+        vs.metadata.namespace(),
+        vs.metadata.name
+    );
+    let matches = r
+        .matches
+        .iter()
+        .enumerate()
+        .map(|(j, m)| ConnMatch::compile_l4(m).map_err(|e| format!("{at}.match[{j}].{e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let backends = r
+        .route
+        .iter()
+        .filter_map(|d| {
+            let dest = &d.destination;
+            let Some(cluster) = cluster_for(&dest.host, dest.subset.as_deref()) else {
+                tracing::debug!(at = %at, host = %dest.host, "TCP route destination unknown");
+                return None;
+            };
+            Some(Backend {
+                cluster,
+                weight: d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 }),
+                headers: HeaderOps::default(),
+            })
+        })
+        .collect();
+    Ok(super::TcpRoute {
+        name: Arc::from(format!(
+            "{}/{}#tcp{index}",
+            vs.metadata.namespace(),
+            vs.metadata.name
+        )),
+        matches,
+        backends,
     })
 }
 
@@ -657,6 +742,8 @@ fn header_ops(h: Option<&Headers>) -> Result<HeaderOps, String> {
 mod tests {
     use super::*;
     use crate::balance::Policy;
+    use crate::route::matcher::{MatchContext, Source};
+    use crate::route::Decision;
     use crate::telemetry::metrics::Peer;
     use crate::telemetry::Metrics;
     use crate::upstream::pool::{Pool, PoolConfig};
@@ -682,8 +769,13 @@ spec:
 
     /// Compiles `yaml` (plus [`VS`]) over `users.edtech` with a v1 and a v2 endpoint.
     fn compile_with(yaml: &str) -> Result<Made, String> {
-        let text = format!("{VS}---\n{yaml}");
-        let (resources, errors) = trellis_api::resources::parse("rules.yaml".as_ref(), &text);
+        compile_all(&format!("{VS}---\n{yaml}")).map(|(_, made)| made)
+    }
+
+    /// Compiles `text` over `users.edtech` with a v1 and a v2 endpoint.
+    #[allow(clippy::type_complexity)]
+    fn compile_all(text: &str) -> Result<(HashMap<ServiceKey, Arc<VirtualHost>>, Made), String> {
+        let (resources, errors) = trellis_api::resources::parse("rules.yaml".as_ref(), text);
         assert!(errors.is_empty(), "{errors:?}");
         let pool = Pool::new(PoolConfig {
             metrics: Arc::default(),
@@ -722,12 +814,15 @@ spec:
             made.borrow_mut()
                 .push((subset.map(str::to_string), balancing.clone()));
             let stats = metrics.http_stats("outbound", Peer::new(&key.name, &key.namespace));
-            Arc::new(Service::new(key.clone(), endpoints, timeout, stats).with_balancing(balancing))
+            let mut s =
+                Service::new(key.clone(), endpoints, timeout, stats).with_balancing(balancing);
+            s.subset = subset.map(Arc::from);
+            Arc::new(s)
         };
-        compile(&clusters, &resources, &resolve, &make)?;
+        let hosts = compile(&clusters, &resources, &resolve, &make)?;
         let mut made = made.into_inner();
         made.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(made)
+        Ok((hosts, made))
     }
 
     fn rule(traffic_policy: &str, v1_policy: &str) -> String {
@@ -771,16 +866,88 @@ spec:
         .is_ok());
     }
 
+    const HTTP_ROUTE: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: users, namespace: edtech }
+spec:
+  parentRefs: [{ group: \"\", kind: Service, name: users, port: 80 }]
+  rules:
+  - name: fallback
+    backendRefs: [{ name: users, port: 80 }]
+  - name: api
+    matches: [{ path: { type: PathPrefix, value: /api/ } }]
+    backendRefs: [{ name: users, port: 80 }]
+  - name: exact
+    matches: [{ path: { type: Exact, value: /api } }]
+    backendRefs: [{ name: users, port: 80 }]
+  - name: specific
+    matches: [{ path: { type: PathPrefix, value: /api/v2 } }]
+    filters: [{ type: URLRewrite, urlRewrite: { path: { type: ReplacePrefixMatch, replacePrefixMatch: / } } }]
+    backendRefs: [{ name: users, port: 80 }]
+  - name: by-method
+    matches: [{ path: { type: PathPrefix, value: /api }, method: POST }]
+    backendRefs: [{ name: users, port: 80 }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: ingress-only, namespace: edtech }
+spec:
+  parentRefs: [{ name: ingress }]
+  rules:
+  - matches: [{ path: { type: Exact, value: /gw } }]
+    filters: [{ type: RequestRedirect, requestRedirect: { scheme: https } }]
+";
+
     #[test]
-    fn gateway_api_routes_are_refused_until_routed() {
-        let err = compile_with(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: web, namespace: edtech }\nspec:\n  rules:\n  - backendRefs: [{ name: users, port: 80 }]\n",
-        )
-        .expect_err("refused");
-        assert!(
-            err.contains("HTTPRoute edtech/web: not routed by this proxy yet"),
-            "{err}"
+    fn http_routes_attached_to_a_service_route_by_gateway_api_precedence() {
+        let (hosts, _) = compile_all(HTTP_ROUTE).unwrap();
+        let users = &hosts[&ServiceKey::new("users", "edtech")];
+        let labels = BTreeMap::new();
+        let route = |method: &str, path: &str| {
+            let head = http::Request::builder()
+                .method(method)
+                .uri(path)
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0;
+            let cx = MatchContext {
+                path,
+                authority: "users",
+                port: None,
+                source: Source {
+                    labels: &labels,
+                    namespace: "edtech",
+                },
+            };
+            match users.decide(&head, &cx) {
+                Decision::Forward { route, .. } => {
+                    let r = route.unwrap();
+                    (r.name.to_string(), r.rewritten_path(path, &head, &cx))
+                }
+                Decision::Answer(r) => (format!("answer {}", r.name), None),
+                Decision::NoRoute => ("none".into(), None),
+            }
+        };
+        let named = |m: &str, p: &str| route(m, p).0;
+        // Exact beats every prefix; the longest prefix wins; prefixes match whole segments.
+        assert_eq!(named("GET", "/api"), "exact");
+        assert_eq!(
+            route("GET", "/api/v2/users"),
+            ("specific".into(), Some("/users".into()))
         );
+        assert_eq!(
+            route("GET", "/api/v2"),
+            ("specific".into(), Some("/".into()))
+        );
+        assert_eq!(named("GET", "/api/v2x"), "api");
+        assert_eq!(named("GET", "/api/v1"), "api");
+        // Same prefix length: a method match first.
+        assert_eq!(named("POST", "/api/v1"), "by-method");
+        assert_eq!(named("GET", "/apis"), "fallback");
+        // The route attached to a Gateway only is not a sidecar's.
+        assert_eq!(named("GET", "/gw"), "fallback");
     }
 
     #[test]
@@ -909,6 +1076,99 @@ spec:
         )
         .replace("host: users", "host: elsewhere");
         assert!(compile_with(&other).is_err());
+    }
+
+    const TCP_VS: &str = "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: users-tcp, namespace: edtech }
+spec:
+  hosts: [users]
+  tcp:
+  - match: [{ port: 5432 }]
+    route: [{ destination: { host: users, subset: v2 } }]
+  - match: [{ port: 6000, sourceLabels: { app: web } }, { port: 6001, sourceNamespace: other }]
+    route: [{ destination: { host: users, subset: v1 } }]
+  - match: [{ port: 7000, gateways: [ingress] }]
+    route: [{ destination: { host: users, subset: v1 } }]
+  - match: [{ port: 8000 }]
+    route:
+    - { destination: { host: users, subset: v1 }, weight: 80 }
+    - { destination: { host: users, subset: v2 }, weight: 20 }
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: users, namespace: edtech }
+spec:
+  host: users
+  subsets:
+  - { name: v1, labels: { version: v1 } }
+  - { name: v2, labels: { version: v2 } }
+";
+
+    #[test]
+    fn tcp_routes_choose_by_port_and_source_and_split_by_weight() {
+        let (hosts, _) = compile_all(TCP_VS).unwrap();
+        let users = &hosts[&ServiceKey::new("users", "edtech")];
+        let labels = BTreeMap::from([("app".to_string(), "api".to_string())]);
+        let source = Source {
+            labels: &labels,
+            namespace: "edtech",
+        };
+        let subset = |port: u16| {
+            let (cluster, _) = users.tcp_cluster(Some(port), &source).unwrap();
+            cluster.subset.as_deref().map(str::to_string)
+        };
+        assert_eq!(subset(5432).as_deref(), Some("v2"));
+        // Source labels and namespace that are not this workload's: the service itself.
+        assert_eq!(subset(6000), None);
+        assert_eq!(subset(6001), None);
+        // A match for gateways only never applies in a sidecar.
+        assert_eq!(subset(7000), None);
+        // No route for the port: the service itself.
+        assert_eq!(subset(9999), None);
+        let v2 = (0..10_000)
+            .filter(|_| subset(8000).as_deref() == Some("v2"))
+            .count();
+        assert!((1_800..=2_200).contains(&v2), "{v2} of 10000 went to v2");
+        let web = BTreeMap::from([("app".to_string(), "web".to_string())]);
+        let web = Source {
+            labels: &web,
+            namespace: "other",
+        };
+        for port in [6000, 6001] {
+            let (cluster, route) = users.tcp_cluster(Some(port), &web).unwrap();
+            assert_eq!(cluster.subset.as_deref(), Some("v1"));
+            assert_eq!(&*route.unwrap().name, "edtech/users-tcp#tcp1");
+        }
+    }
+
+    #[test]
+    fn gateway_bound_virtual_services_and_destination_subnets() {
+        // Bound to an ingress gateway only: not a sidecar's route.
+        let gateway_only = TCP_VS.replace(
+            "  hosts: [users]\n",
+            "  hosts: [users]\n  gateways: [ingress]\n",
+        );
+        let (hosts, _) = compile_all(&gateway_only).unwrap();
+        assert!(hosts[&ServiceKey::new("users", "edtech")]
+            .tcp_routes
+            .is_empty());
+        let with_mesh = TCP_VS.replace(
+            "  hosts: [users]\n",
+            "  hosts: [users]\n  gateways: [ingress, mesh]\n",
+        );
+        let (hosts, _) = compile_all(&with_mesh).unwrap();
+        assert_eq!(
+            hosts[&ServiceKey::new("users", "edtech")].tcp_routes.len(),
+            4
+        );
+        let subnets = TCP_VS.replace("{ port: 5432 }", "{ destinationSubnets: [10.0.0.0/8] }");
+        let err = compile_all(&subnets).err().expect("refused");
+        assert!(
+            err.contains("VirtualService edtech/users-tcp: spec.tcp[0].match[0].destinationSubnets: not enforced by this proxy yet"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,12 +1,16 @@
-//! Request matchers of a route, compiled once per config: Istio `HTTPMatchRequest` (uri,
-//! scheme, method, authority, headers, withoutHeaders, queryParams, port, sourceLabels,
-//! sourceNamespace, ignoreUriCase).
+//! Matchers of routes, compiled once per config: Istio `HTTPMatchRequest` (uri, scheme,
+//! method, authority, headers, withoutHeaders, queryParams, port, sourceLabels,
+//! sourceNamespace, gateways, ignoreUriCase) and, for TCP routes, `L4MatchAttributes` (port,
+//! sourceLabels, sourceNamespace, gateways), whose conditions are the [`ConnMatch`] part of
+//! an HTTP match.
 
 use http::request::Parts;
 use regex::Regex;
 use std::collections::BTreeMap;
 use trellis_api::resources::common::StringMatch;
 use trellis_api::resources::http_match::HttpMatchRequest;
+use trellis_api::resources::http_route::{HttpRouteMatch, PathMatchType, ValueMatchType};
+use trellis_api::resources::virtual_service::L4MatchAttributes;
 
 /// One compiled string condition.
 #[derive(Debug)]
@@ -17,6 +21,9 @@ pub enum Str {
     Prefix(String),
     /// The whole value matches.
     Regex(Regex),
+    /// A path prefix by whole segments (Gateway API `PathPrefix`): `/api` matches `/api`
+    /// and `/api/users`, not `/apis`. Kept without its trailing slash (`/` as empty).
+    PathPrefix(String),
     /// Present with any value (an empty `StringMatch` on a header).
     Any,
 }
@@ -55,6 +62,9 @@ impl Str {
             Str::Exact(e) => v == e,
             Str::Prefix(p) => v.starts_with(p.as_str()),
             Str::Regex(r) => r.is_match(v),
+            Str::PathPrefix(p) => v
+                .strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
             Str::Any => true,
         }
     }
@@ -68,10 +78,8 @@ pub struct MatchContext<'a> {
     pub authority: &'a str,
     /// The port the client addressed (or the listener's).
     pub port: Option<u16>,
-    /// Labels of this (calling) workload.
-    pub source_labels: &'a BTreeMap<String, String>,
-    /// Namespace of this (calling) workload.
-    pub source_namespace: &'a str,
+    /// This (calling) workload.
+    pub source: Source<'a>,
 }
 
 /// One compiled `HTTPMatchRequest`: every condition must hold.
@@ -85,9 +93,71 @@ pub struct HttpMatch {
     headers: Vec<(http::HeaderName, Str)>,
     without_headers: Vec<(http::HeaderName, Str)>,
     query: Vec<(String, Str)>,
+    conn: ConnMatch,
+}
+
+/// The conditions on the connection rather than the request, shared by HTTP and TCP matches:
+/// the port the client addressed, and who calls (this proxy's own workload: its labels and
+/// namespace). A match that names `gateways` without `mesh` is for gateways only and never
+/// matches in a sidecar.
+#[derive(Debug, Default)]
+pub struct ConnMatch {
     port: Option<u16>,
     source_labels: BTreeMap<String, String>,
     source_namespace: Option<String>,
+    gateways_only: bool,
+}
+
+impl ConnMatch {
+    fn new(
+        port: Option<u32>,
+        source_labels: &BTreeMap<String, String>,
+        source_namespace: &Option<String>,
+        gateways: &[String],
+    ) -> Self {
+        Self {
+            port: port.and_then(|p| u16::try_from(p).ok()),
+            source_labels: source_labels.clone(),
+            source_namespace: source_namespace.clone(),
+            gateways_only: !gateways.is_empty() && !gateways.iter().any(|g| g == "mesh"),
+        }
+    }
+
+    /// Compiles a TCP route's match.
+    pub fn compile_l4(m: &L4MatchAttributes) -> Result<Self, String> {
+        if !m.destination_subnets.is_empty() {
+            return Err("destinationSubnets: not enforced by this proxy yet".into());
+        }
+        Ok(Self::new(
+            m.port,
+            &m.source_labels,
+            &m.source_namespace,
+            &m.gateways,
+        ))
+    }
+
+    /// Whether a connection to `port` from this workload matches.
+    pub fn matches(&self, port: Option<u16>, source: &Source<'_>) -> bool {
+        !self.gateways_only
+            && self.port.is_none_or(|p| port == Some(p))
+            && self
+                .source_labels
+                .iter()
+                .all(|(k, v)| source.labels.get(k) == Some(v))
+            && self
+                .source_namespace
+                .as_ref()
+                .is_none_or(|ns| ns == source.namespace)
+    }
+}
+
+/// The calling workload (this proxy's own), as `sourceLabels` and `sourceNamespace` see it.
+#[derive(Clone, Copy)]
+pub struct Source<'a> {
+    /// Its labels.
+    pub labels: &'a BTreeMap<String, String>,
+    /// Its namespace.
+    pub namespace: &'a str,
 }
 
 impl HttpMatch {
@@ -117,9 +187,58 @@ impl HttpMatch {
                 .iter()
                 .map(|(k, v)| Ok((k.clone(), Str::compile(v, false)?)))
                 .collect::<Result<_, String>>()?,
-            port: m.port.and_then(|p| u16::try_from(p).ok()),
-            source_labels: m.source_labels.clone(),
-            source_namespace: m.source_namespace.clone(),
+            conn: ConnMatch::new(m.port, &m.source_labels, &m.source_namespace, &m.gateways),
+        })
+    }
+
+    /// Compiles a Gateway API `HTTPRouteMatch` (already validated by the api layer): header
+    /// names are case-insensitive, `PathPrefix` matches whole segments, regexes match the
+    /// whole value.
+    pub fn from_gateway(m: &HttpRouteMatch) -> Result<Self, String> {
+        let value = |kind: ValueMatchType, v: &str| match kind {
+            ValueMatchType::Exact => Ok(Str::Exact(v.to_string())),
+            ValueMatchType::RegularExpression => Str::compile(
+                &StringMatch {
+                    regex: Some(v.to_string()),
+                    ..StringMatch::default()
+                },
+                false,
+            ),
+        };
+        let uri = match &m.path {
+            None => None,
+            Some(p) => Some(match p.kind {
+                PathMatchType::Exact => Str::Exact(p.value.clone()),
+                PathMatchType::PathPrefix => {
+                    Str::PathPrefix(p.value.trim_end_matches('/').to_string())
+                }
+                PathMatchType::RegularExpression => {
+                    value(ValueMatchType::RegularExpression, &p.value)?
+                }
+            }),
+        };
+        Ok(Self {
+            uri,
+            ignore_uri_case: false,
+            scheme: None,
+            method: m.method.as_ref().map(|v| Str::Exact(v.clone())),
+            authority: None,
+            headers: m
+                .headers
+                .iter()
+                .map(|h| {
+                    let name = http::HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes())
+                        .map_err(|_| format!("invalid header name {:?}", h.name))?;
+                    Ok((name, value(h.kind, &h.value)?))
+                })
+                .collect::<Result<_, String>>()?,
+            without_headers: Vec::new(),
+            query: m
+                .query_params
+                .iter()
+                .map(|q| Ok((q.name.clone(), value(q.kind, &q.value)?)))
+                .collect::<Result<_, String>>()?,
+            conn: ConnMatch::default(),
         })
     }
 
@@ -150,10 +269,8 @@ impl HttpMatch {
                 return false;
             }
         }
-        if let Some(p) = self.port {
-            if cx.port != Some(p) {
-                return false;
-            }
+        if !self.conn.matches(cx.port, &cx.source) {
+            return false;
         }
         for (name, m) in &self.headers {
             let any = head
@@ -187,27 +304,15 @@ impl HttpMatch {
                 }
             }
         }
-        if !self.source_labels.is_empty()
-            && !self
-                .source_labels
-                .iter()
-                .all(|(k, v)| cx.source_labels.get(k) == Some(v))
-        {
-            return false;
-        }
-        if let Some(ns) = &self.source_namespace {
-            if ns != cx.source_namespace {
-                return false;
-            }
-        }
         true
     }
 
-    /// The literal prefix the uri matched by, for `rewrite.uri` (Istio replaces the matched
-    /// prefix; for exact and regex matches the whole path).
-    pub fn uri_prefix(&self) -> Option<&str> {
+    /// The literal prefix the uri matched by, for a prefix rewrite (for exact and regex
+    /// matches the whole path is replaced), and whether it is a Gateway API segment prefix.
+    pub fn uri_prefix(&self) -> Option<(&str, bool)> {
         match &self.uri {
-            Some(Str::Prefix(p)) => Some(p),
+            Some(Str::Prefix(p)) => Some((p, false)),
+            Some(Str::PathPrefix(p)) => Some((p, true)),
             _ => None,
         }
     }
@@ -237,8 +342,10 @@ mod tests {
             path: Box::leak(path.to_string().into_boxed_str()),
             authority: "reviews",
             port: Some(9080),
-            source_labels: labels,
-            source_namespace: "edtech",
+            source: Source {
+                labels,
+                namespace: "edtech",
+            },
         }
     }
 

@@ -1,5 +1,6 @@
 //! Outbound routing: what a request to a service does, from Istio VirtualService `http`
-//! routes (first match wins) and DestinationRule subsets.
+//! routes (first match wins) and DestinationRule subsets; and where a TCP connection to it
+//! goes, from the VirtualService's `tcp` routes.
 //!
 //! A [`VirtualHost`] is what a host name resolves to: the service's own cluster (every
 //! endpoint) and, when VirtualServices name the host, its compiled [`Route`]s. A route either
@@ -9,12 +10,13 @@
 //! when a config arrives ([`compile`]); a request only evaluates matchers and draws a weight.
 
 pub mod compile;
+mod gateway;
 pub mod matcher;
 
 use crate::resilience::retry::RetryPolicy;
 use crate::upstream::Service;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use matcher::{HttpMatch, MatchContext};
+use matcher::{ConnMatch, HttpMatch, MatchContext, Source};
 use std::sync::Arc;
 use std::time::Duration;
 use trellis_api::names::ServiceKey;
@@ -27,6 +29,19 @@ pub struct VirtualHost {
     pub cluster: Arc<Service>,
     /// Compiled routes, in order; empty: everything goes to `cluster`.
     pub routes: Vec<Route>,
+    /// Compiled TCP routes, in order; a connection none of them matches goes to `cluster`.
+    pub tcp_routes: Vec<TcpRoute>,
+}
+
+/// One compiled TCP route (VirtualService `tcp`): connections that match go to one of the
+/// backends, drawn by weight.
+pub struct TcpRoute {
+    /// `<vs namespace>/<vs name>#tcp<index>`, for logs and `/config`.
+    pub name: Arc<str>,
+    /// Any of these (none: every connection).
+    pub matches: Vec<ConnMatch>,
+    /// Where matching connections go (no header edits on TCP).
+    pub backends: Vec<Backend>,
 }
 
 /// One compiled HTTP route.
@@ -109,26 +124,47 @@ pub struct Backend {
     pub headers: HeaderOps,
 }
 
-/// `rewrite`.
+/// A new path for a request.
+pub struct PathEdit {
+    /// The new path, or the new prefix.
+    pub value: String,
+    /// `true`: `value` replaces the whole path. `false`: it replaces the prefix the route's
+    /// `prefix` match matched (the whole path when the route matched otherwise), as Istio's
+    /// `rewrite.uri` and Gateway API's `ReplacePrefixMatch` do.
+    pub whole: bool,
+}
+
+/// `rewrite` (Istio) or `URLRewrite` (Gateway API).
 pub struct Rewrite {
-    /// Replacement for the matched uri prefix (or the whole path).
-    pub uri: Option<String>,
+    /// New path or prefix.
+    pub uri: Option<PathEdit>,
     /// New authority.
     pub authority: Option<HeaderValue>,
 }
 
-/// `redirect`.
+/// `redirect` (Istio) or `RequestRedirect` (Gateway API).
 pub struct Redirect {
-    /// New path (whole path).
-    pub uri: Option<String>,
+    /// New path or prefix (the query is kept unless the new path has one).
+    pub uri: Option<PathEdit>,
     /// New authority.
     pub authority: Option<String>,
     /// New scheme.
     pub scheme: Option<String>,
-    /// New port.
-    pub port: Option<u16>,
-    /// 301 by default.
+    /// The port in `Location`.
+    pub port: RedirectPort,
+    /// 301 by default (Istio), 302 (Gateway API).
     pub status: StatusCode,
+}
+
+/// The port of a redirect's `Location`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedirectPort {
+    /// The request's (Istio without `port`).
+    Keep,
+    /// This one.
+    Set(u16),
+    /// None: the scheme's well-known port (Gateway API when the scheme changes).
+    Omit,
 }
 
 /// `fault`.
@@ -209,6 +245,25 @@ impl VirtualHost {
             key: cluster.key.clone(),
             cluster,
             routes: Vec::new(),
+            tcp_routes: Vec::new(),
+        }
+    }
+
+    /// Where a TCP connection (or `CONNECT` tunnel) to `port` goes: the first TCP route that
+    /// matches draws one of its backends; without a matching route, the service itself.
+    /// `None`: the matching route has no destination this proxy can reach.
+    pub fn tcp_cluster(
+        &self,
+        port: Option<u16>,
+        source: &Source<'_>,
+    ) -> Option<(&Arc<Service>, Option<&TcpRoute>)> {
+        let route = self
+            .tcp_routes
+            .iter()
+            .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(port, source)));
+        match route {
+            None => Some((&self.cluster, None)),
+            Some(r) => pick_weighted(&r.backends).map(|b| (&b.cluster, Some(r))),
         }
     }
 
@@ -265,24 +320,52 @@ fn pick_weighted(backends: &[Backend]) -> Option<&Backend> {
 }
 
 impl Route {
-    /// The path after `rewrite.uri`, if the route rewrites it: the matched prefix is replaced
-    /// (for exact and regex matches, and without a match, the whole path).
+    /// The path after `rewrite.uri`, if the route rewrites it.
     pub fn rewritten_path(
         &self,
         path: &str,
         head: &http::request::Parts,
         cx: &MatchContext<'_>,
     ) -> Option<String> {
-        let new = self.rewrite.as_ref()?.uri.as_ref()?;
+        let edit = self.rewrite.as_ref()?.uri.as_ref()?;
+        Some(self.edited_path(edit, path, head, cx))
+    }
+
+    /// `path` after `edit`: a prefix edit replaces the prefix the matching `prefix` match
+    /// matched. Gateway API prefixes match whole segments and are joined without doubling
+    /// the slash (`/api` to `/` makes `/api/users` `/users`, and `/api` itself `/`).
+    pub fn edited_path(
+        &self,
+        edit: &PathEdit,
+        path: &str,
+        head: &http::request::Parts,
+        cx: &MatchContext<'_>,
+    ) -> String {
+        let new = &edit.value;
+        if edit.whole {
+            return new.clone();
+        }
         let prefix = self
             .matches
             .iter()
             .find(|m| m.matches(head, cx))
             .and_then(|m| m.uri_prefix());
-        Some(match prefix {
-            Some(p) if path.starts_with(p) => format!("{new}{}", &path[p.len()..]),
+        match prefix {
+            Some((p, false)) if path.starts_with(p) => format!("{new}{}", &path[p.len()..]),
+            Some((p, true)) if path.starts_with(p) => {
+                let rest = &path[p.len()..];
+                let joined = match (new.ends_with('/'), rest.strip_prefix('/')) {
+                    (true, Some(rest)) => format!("{new}{rest}"),
+                    _ => format!("{new}{rest}"),
+                };
+                if joined.is_empty() {
+                    "/".into()
+                } else {
+                    joined
+                }
+            }
             _ => new.clone(),
-        })
+        }
     }
 }
 
@@ -317,6 +400,14 @@ fn describe_cluster(c: &Service) -> serde_json::Value {
     })
 }
 
+/// Weighted backends as the admin `/config` shows them.
+fn describe_backends(backends: &[Backend]) -> serde_json::Value {
+    backends
+        .iter()
+        .map(|b| serde_json::json!({ "weight": b.weight, "cluster": describe_cluster(&b.cluster) }))
+        .collect()
+}
+
 impl VirtualHost {
     /// The host's routes and clusters as the admin `/config` shows them.
     pub fn describe(&self) -> serde_json::Value {
@@ -325,12 +416,9 @@ impl VirtualHost {
             .iter()
             .map(|r| {
                 let action = match &r.action {
-                    Action::Forward(backends) => serde_json::json!({
-                        "forward": backends.iter().map(|b| serde_json::json!({
-                            "weight": b.weight,
-                            "cluster": describe_cluster(&b.cluster),
-                        })).collect::<Vec<_>>(),
-                    }),
+                    Action::Forward(backends) => {
+                        serde_json::json!({ "forward": describe_backends(backends) })
+                    }
                     Action::Redirect(rd) => serde_json::json!({ "redirect": rd.status.as_u16() }),
                     Action::Direct { status, .. } => {
                         serde_json::json!({ "direct_response": status.as_u16() })
@@ -350,10 +438,22 @@ impl VirtualHost {
                 })
             })
             .collect();
+        let tcp_routes: Vec<serde_json::Value> = self
+            .tcp_routes
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "name": &*r.name,
+                    "matches": r.matches.len(),
+                    "forward": describe_backends(&r.backends),
+                })
+            })
+            .collect();
         serde_json::json!({
             "host": self.key.to_string(),
             "cluster": describe_cluster(&self.cluster),
             "routes": routes,
+            "tcp_routes": tcp_routes,
         })
     }
 }

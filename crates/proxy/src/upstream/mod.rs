@@ -166,18 +166,26 @@ impl Service {
 
     /// Reports the result of an exchange with `endpoint` to outlier detection; an ejection
     /// is counted in `trellis_outlier_ejections_total`.
-    pub fn report(&self, endpoint: &Arc<EndpointConns>, outcome: Outcome) {
+    /// `latency` is the time to the response head (or to a per-try timeout), for latency
+    /// outliers.
+    pub fn report(
+        &self,
+        endpoint: &Arc<EndpointConns>,
+        outcome: Outcome,
+        latency: Option<std::time::Duration>,
+    ) {
         let Some(od) = &self.outlier else { return };
-        let Some(i) = self
-            .endpoints()
-            .iter()
-            .position(|e| Arc::ptr_eq(e, endpoint))
-        else {
+        let endpoints = self.endpoints();
+        let Some(i) = endpoints.iter().position(|e| Arc::ptr_eq(e, endpoint)) else {
             return;
         };
         if od.report(i, outcome) {
             self.stats.outlier_ejected();
             tracing::info!(service = %self.key, endpoint = %endpoint.addr(), ?outcome, "endpoint ejected by outlier detection");
+        }
+        for j in latency.map(|l| od.record_latency(i, l)).unwrap_or_default() {
+            self.stats.outlier_ejected();
+            tracing::info!(service = %self.key, endpoint = %endpoints[j].addr(), "endpoint ejected by outlier detection: its p99 latency is an outlier");
         }
     }
 

@@ -16,7 +16,13 @@
 //! ([`OutlierDetector::choose`]) until their time is up (checked lazily on pick), unless
 //! fewer than `minHealthPercent` of the endpoints are in service: then every endpoint is
 //! used (Envoy's panic mode).
+//!
+//! Opt-in, [`latency`] outliers: an endpoint whose recent p99 is several times its peers'
+//! median p99 is ejected the same way (see there).
 
+pub mod latency;
+
+use latency::LatencyWindows;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -44,6 +50,9 @@ pub struct OutlierConfig {
     pub max_ejection_percent: u32,
     /// Below this share of endpoints in service, ejections are ignored, in percent.
     pub min_health_percent: u32,
+    /// Latency outliers: eject an endpoint whose p99 is this many hundredths of its peers'
+    /// median p99 (300: three times). `None`: off (the default).
+    pub latency_ratio_percent: Option<u32>,
 }
 
 impl Default for OutlierConfig {
@@ -57,6 +66,7 @@ impl Default for OutlierConfig {
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent: 10,
             min_health_percent: 0,
+            latency_ratio_percent: None,
         }
     }
 }
@@ -81,6 +91,7 @@ impl From<&OutlierDetection> for OutlierConfig {
                 .unwrap_or(d.max_ejection_percent)
                 .min(100),
             min_health_percent: od.min_health_percent.unwrap_or(0).min(100),
+            latency_ratio_percent: None,
         }
     }
 }
@@ -112,6 +123,10 @@ impl From<Option<crate::resilience::retry::Outcome>> for Outcome {
     }
 }
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// The length of an endpoint's `times`-th ejection (1-based).
 pub fn ejection_time(base: Duration, times: u32) -> Duration {
     base.saturating_mul(times.max(1))
@@ -141,17 +156,50 @@ pub struct OutlierDetector {
     health: Box<[Health]>,
     /// Serializes ejection decisions (rare), so the ejected share is counted exactly.
     ejecting: Mutex<()>,
+    /// Recent latencies, when latency outliers are on.
+    latency: Option<LatencyWindows>,
 }
 
 impl OutlierDetector {
     /// A detector for `n` endpoints.
     pub fn new(cfg: OutlierConfig, n: usize) -> Self {
+        let latency = cfg
+            .latency_ratio_percent
+            .map(|_| LatencyWindows::new(n, millis(cfg.interval)));
         Self {
             cfg,
             epoch: Instant::now(),
             health: (0..n).map(|_| Health::default()).collect(),
             ejecting: Mutex::new(()),
+            latency,
         }
+    }
+
+    /// Records how long endpoint `i` took to answer (latency outliers only); returns the
+    /// endpoints this got ejected, when the periodic comparison ran.
+    pub fn record_latency(&self, i: usize, latency: Duration) -> Vec<usize> {
+        let (Some(windows), Some(ratio)) = (&self.latency, self.cfg.latency_ratio_percent) else {
+            return Vec::new();
+        };
+        let now = self.now_ms();
+        windows.record(i, now, latency);
+        let interval = millis(self.cfg.interval);
+        if !windows.due(now, interval) {
+            return Vec::new();
+        }
+        let since = now.saturating_sub(interval);
+        let ratio = f64::from(ratio) / 100.0;
+        windows
+            .outliers(since, ratio, |j| self.ejected_at(j, now))
+            .into_iter()
+            .filter(|&j| {
+                let ejected = self.eject(j);
+                if ejected {
+                    windows.clear(j);
+                }
+                ejected
+            })
+            .collect()
     }
 
     /// The settings.
@@ -245,9 +293,7 @@ impl OutlierDetector {
             return false;
         }
         // The multiplier went down by one for every interval back in service.
-        let interval = u64::try_from(self.cfg.interval.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let interval = millis(self.cfg.interval).max(1);
         let served = now.saturating_sub(until) / interval;
         let before = h.ejections.load(Ordering::Acquire);
         let times = before
@@ -432,5 +478,34 @@ mod tests {
             0,
             "50% in service < 60%: panic mode"
         );
+    }
+}
+
+#[cfg(test)]
+mod latency_tests {
+    use super::*;
+
+    #[test]
+    fn a_latency_outlier_is_ejected_through_the_detector() {
+        let cfg = OutlierConfig {
+            interval: Duration::from_millis(50),
+            max_ejection_percent: 50,
+            latency_ratio_percent: Some(300),
+            ..OutlierConfig::default()
+        };
+        let d = OutlierDetector::new(cfg, 3);
+        let mut ejected = Vec::new();
+        let start = Instant::now();
+        while ejected.is_empty() && start.elapsed() < Duration::from_secs(2) {
+            for i in 0..3 {
+                let ms = if i == 2 { 60 } else { 2 };
+                ejected.extend(d.record_latency(i, Duration::from_millis(ms)));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(ejected, [2]);
+        assert!(d.is_ejected(2));
+        assert!(!d.is_ejected(0));
+        assert_eq!(d.choose(2, || Some(2)), 0);
     }
 }

@@ -60,12 +60,18 @@ pub struct BannerOrigin {
 }
 
 impl BannerOrigin {
-    /// Binds an ephemeral loopback port and starts serving.
+    /// Binds an ephemeral loopback port and starts serving [`BANNER`].
     pub async fn start() -> io::Result<Self> {
+        Self::start_with(BANNER).await
+    }
+
+    /// Binds an ephemeral loopback port and starts serving with its own `banner` line (to
+    /// tell origins apart).
+    pub async fn start_with(banner: &'static str) -> io::Result<Self> {
         let (listener, addr) = bind_loopback().await?;
         let (tasks, guard) = Tasks::new();
-        tasks.accept_loop(listener, |stream| async move {
-            if let Err(err) = banner_then_echo_lines(stream).await {
+        tasks.accept_loop(listener, move |stream| async move {
+            if let Err(err) = banner_then_echo_lines(stream, banner).await {
                 tracing::debug!(error = %err, "banner connection failed");
             }
         });
@@ -81,9 +87,9 @@ impl BannerOrigin {
     }
 }
 
-async fn banner_then_echo_lines(stream: TcpStream) -> io::Result<()> {
+async fn banner_then_echo_lines(stream: TcpStream, banner: &str) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
-    write.write_all(BANNER.as_bytes()).await?;
+    write.write_all(banner.as_bytes()).await?;
     let mut read = BufReader::new(read);
     let mut line = Vec::new();
     loop {
