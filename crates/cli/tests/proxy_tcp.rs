@@ -244,3 +244,81 @@ async fn tcp_routes_send_connections_by_port_and_weight() {
     let (_, config) = p.admin_get("/config").await;
     assert!(config.contains("default/db#tcp0"), "{config}");
 }
+
+#[tokio::test]
+async fn tcp_connections_over_max_connections_are_turned_away_at_once() {
+    let db = BannerOrigin::start_with("db\r\n").await.unwrap();
+    let (admin, outbound, db_port) = (free_addr(), free_addr(), free_addr());
+    let dir = trellis_testkit::proxy::TempDir::new("tcp-limits");
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: { name: db, namespace: default }\n\
+         spec:\n  host: db\n  trafficPolicy:\n    connectionPool: { tcp: { maxConnections: 1 } }\n",
+    )
+    .unwrap();
+    let yaml = format!(
+        "service: api\nadmin: {admin}\noutbound: {{ listen: {outbound} }}\n\
+         upstreams:\n\
+         \x20 - service: db\n    listen: {db_port}\n    protocol: tcp\n    endpoints: [{}]\n\
+         resources: [{}]\n",
+        db.addr(),
+        rules.display()
+    );
+    let p = proxy(&yaml, admin, &[]).await;
+
+    // One connection holds the only slot while it lasts.
+    let first = TcpStream::connect(db_port).await.unwrap();
+    let mut first = BufReader::new(first);
+    let mut line = String::new();
+    first.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "db\r\n");
+
+    // A second one is closed at once, without reaching the database.
+    let start = Instant::now();
+    let mut second = TcpStream::connect(db_port).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), second.read_to_end(&mut buf))
+        .await
+        .expect("closed within 5s")
+        .ok();
+    assert!(buf.is_empty(), "{:?}", String::from_utf8_lossy(&buf));
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    // So is a CONNECT tunnel to the same service: 503 saying why.
+    let mut s = TcpStream::connect(outbound).await.unwrap();
+    s.write_all(b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = vec![0; 1024];
+    let n = s.read(&mut resp).await.unwrap();
+    let resp = String::from_utf8_lossy(&resp[..n]).to_string();
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    assert!(resp.contains("overflow-connections"), "{resp}");
+    let metrics = p.metrics().await;
+    let overflows = metrics
+        .lines()
+        .find(|l| l.starts_with("trellis_overflow_total") && l.contains("kind=\"connections\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert_eq!(overflows, 2.0, "{metrics}");
+
+    // When the first closes, the slot is free again.
+    drop(first);
+    let line = eventually(Duration::from_secs(5), "a free slot", || async {
+        let s = TcpStream::connect(db_port).await.unwrap();
+        let mut line = String::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(2),
+            BufReader::new(s).read_line(&mut line),
+        )
+        .await;
+        matches!(read, Ok(Ok(n)) if n > 0).then_some(line)
+    })
+    .await;
+    assert_eq!(line, "db\r\n");
+}

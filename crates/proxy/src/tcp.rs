@@ -19,6 +19,13 @@ where
     if let Some(r) = route {
         tracing::debug!(route = %r.name, cluster = %service.key, subset = ?service.subset, "TCP route matched");
     }
+    let _permit = match service.admit_connection() {
+        Ok(p) => p,
+        Err(o) => {
+            tracing::info!(service = %service.key, reason = %o, "TCP connection closed: over the connection pool limit");
+            return;
+        }
+    };
     // No request to hash: consistent-hash policies pick at random here.
     let Some(endpoint) = service.pick(None) else {
         tracing::info!(service = %service.key, "TCP connection closed: service has no endpoints");

@@ -600,6 +600,17 @@ impl Forwarder {
         service: Arc<Service>,
         mut req: Request<Incoming>,
     ) -> Response<ResponseBody> {
+        let permit = match service.admit_connection() {
+            Ok(p) => p,
+            Err(o) => {
+                return respond::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    o.reason(),
+                    format!("trellis: service {}: {o}", service.key),
+                    None,
+                )
+            }
+        };
         // Hashes the CONNECT request's header, cookie or query; not the client's address,
         // which is not at hand here (source-IP affinity picks at random for tunnels).
         let Some(endpoint) = service.pick(service.hash_key(&req, None)).cloned() else {
@@ -622,6 +633,7 @@ impl Forwarder {
         self.shared.tracker.spawn(async move {
             let _conn = metrics.tcp_open("outbound", &peer);
             let _in_flight = in_flight;
+            let _permit = permit;
             if let Ok(client) = on_upgrade.await {
                 let _ =
                     tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut upstream).await;

@@ -14,7 +14,9 @@
 //! A request in flight holds one connection of the cluster (exactly so on HTTP/1; on an
 //! HTTP/2 hop, where requests share a connection, each request still counts as one, which
 //! makes `maxConnections` a concurrency bound there too). A limit of 0 means no limit, as in
-//! Istio. Without limits, admission costs nothing (no atomics).
+//! Istio. Without limits, admission costs nothing (no atomics). A TCP connection or
+//! `CONNECT` tunnel holds a connection for its lifetime ([`Limiter::admit_connection`]):
+//! over `tcp.maxConnections` it is closed (a tunnel answered 503) at once.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -181,6 +183,22 @@ impl Limiter {
         }
     }
 
+    /// Admits a TCP connection (or `CONNECT` tunnel): it holds one of `tcp.maxConnections`
+    /// while it lasts. Never waits: over the limit the connection is turned away at once, as
+    /// Envoy's TCP proxy does (the HTTP limits do not apply to opaque bytes).
+    pub fn admit_connection(&self) -> Result<Permit, Overflow> {
+        let mut permit = Permit::default();
+        if let Some(conns) = &self.connections {
+            permit._connection = Some(
+                conns
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| Overflow::Connections)?,
+            );
+        }
+        Ok(permit)
+    }
+
     /// Requests active now (admitted under `http2MaxRequests`), for tests.
     pub fn active(&self) -> u32 {
         self.counters.requests.load(Ordering::Acquire)
@@ -210,6 +228,28 @@ mod tests {
             out.push(l.admit().await);
         }
         out
+    }
+
+    #[tokio::test]
+    async fn tcp_connections_share_max_connections_and_never_wait() {
+        let l = Limiter::new(ClusterLimits {
+            max_connections: Some(1),
+            max_pending: Some(10),
+            max_requests: Some(1),
+            ..Default::default()
+        });
+        let tunnel = l.admit_connection().unwrap();
+        // Another connection is turned away at once, and an HTTP request cannot have one
+        // within the (short) wait either.
+        assert_eq!(l.admit_connection().err(), Some(Overflow::Connections));
+        drop(tunnel);
+        let again = l.admit_connection().unwrap();
+        // http2MaxRequests does not count TCP connections.
+        assert_eq!(l.active(), 0);
+        drop(again);
+        assert!(Limiter::new(ClusterLimits::default())
+            .admit_connection()
+            .is_ok());
     }
 
     #[tokio::test]

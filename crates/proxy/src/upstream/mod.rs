@@ -159,6 +159,17 @@ impl Service {
         admitted
     }
 
+    /// Admits a TCP connection or tunnel under `tcp.maxConnections` (see [`limits`]); an
+    /// overflow is counted in `trellis_overflow_total{kind="connections"}`. Hold the permit
+    /// while the connection lasts.
+    pub fn admit_connection(&self) -> Result<Permit, Overflow> {
+        let admitted = self.limiter.admit_connection();
+        if let Err(o) = &admitted {
+            self.stats.overflow(o.kind());
+        }
+        admitted
+    }
+
     /// The enforced `connectionPool` settings.
     pub fn limits(&self) -> &ClusterLimits {
         self.limiter.limits()
