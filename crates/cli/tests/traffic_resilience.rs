@@ -331,3 +331,46 @@ async fn unenforced_connection_pool_fields_are_refused_by_name() {
         "{err}"
     );
 }
+
+const TIMEOUT_RULES: &str = "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: user-profile, namespace: edtech }
+spec:
+  hosts: [user-profile]
+  http:
+  - timeout: 300ms
+    route: [{ destination: { host: user-profile } }]
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_timeout_bounds_the_wait_for_headers_not_a_streaming_body() {
+    let origin = HttpOrigin::start_with_name("origin").await.unwrap();
+    let dir = TempDir::new("stream-timeout");
+    let upstreams = format!(
+        "  - service: user-profile\n    endpoints: [{}]\n",
+        origin.addr()
+    );
+    let (_proxy, outbound) = frontend(&dir, &upstreams, TIMEOUT_RULES).await;
+    let h2 = H2::connect(outbound).await;
+
+    // No headers within 300 ms: 504, within 50 ms of the timeout.
+    let start = Instant::now();
+    let (status, _, error) = get(&h2, "user-profile.edtech", "/slow/2000").await;
+    let took = start.elapsed();
+    assert_eq!((status, error.as_str()), (504, "upstream-timeout"));
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(350),
+        "{took:?}"
+    );
+
+    // Headers at once, then a line every 100 ms for 800 ms: the whole stream arrives.
+    let start = Instant::now();
+    let req = http::Request::get("http://user-profile.edtech/drip/8/100")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let (status, _, body) = h2.send(req).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "tick\n".repeat(8));
+    assert!(start.elapsed() >= Duration::from_millis(800));
+}

@@ -7,6 +7,7 @@
 //! - `/fail-first/{key}/{n}/{code}`: status `code` for the first `n` requests with that `key`
 //!   (counted per origin), then 200 `ok`; for retry tests.
 //! - `/stream/{bytes}`: 200 with exactly that many `x` bytes, streamed in 64 KiB chunks.
+//! - `/drip/{chunks}/{ms}`: 200 headers at once, then `chunks` lines `tick\n`, one every `ms`.
 //! - `/upload`: reads the body and answers 200 with its byte count as text.
 //! - `/trailers`: 200 `ok` followed by the trailer `x-trailer: yes` (HTTP/1.1 needs `TE: trailers`).
 //! - `/ws`: WebSocket echo (HTTP/1.1 upgrade).
@@ -196,6 +197,9 @@ impl Origin {
         if let Some(len) = path.strip_prefix("/stream/") {
             return stream_bytes(len);
         }
+        if let Some(spec) = path.strip_prefix("/drip/") {
+            return drip(spec);
+        }
         match path.as_str() {
             "/upload" => upload(req).await,
             "/trailers" => trailers(),
@@ -334,6 +338,24 @@ fn stream_bytes(len: &str) -> Response<Body> {
         HeaderValue::from_static("application/octet-stream"),
     );
     response
+}
+
+/// `{chunks}/{ms}`: a line every `ms` milliseconds after the headers.
+fn drip(spec: &str) -> Response<Body> {
+    let Some((Ok(chunks), Ok(ms))) = spec
+        .split_once('/')
+        .map(|(c, m)| (c.parse::<u32>(), m.parse::<u64>()))
+    else {
+        return text(StatusCode::BAD_REQUEST, "expected /drip/{chunks}/{ms}");
+    };
+    let lines = stream::unfold(chunks, move |left| async move {
+        if left == 0 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Some((Ok(Frame::data(Bytes::from_static(b"tick\n"))), left - 1))
+    });
+    Response::new(StreamBody::new(lines).boxed_unsync())
 }
 
 async fn upload(req: Request<Incoming>) -> Response<Body> {
