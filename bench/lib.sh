@@ -342,7 +342,11 @@ http {
   keepalive_requests 10000000;
   keepalive_timeout 300s;
   server {
+    # Four addresses, so one origin can be four endpoints of a balanced upstream.
     listen 127.0.0.1:$port reuseport backlog=4096;
+    listen 127.0.0.2:$port reuseport backlog=4096;
+    listen 127.0.0.3:$port reuseport backlog=4096;
+    listen 127.0.0.4:$port reuseport backlog=4096;
     location / { default_type text/plain; return 200 "ok\n"; }
   }
 }
@@ -478,6 +482,56 @@ inbound:
   - listen: 127.0.0.1:$port
     app: 127.0.0.1:$app
     protocol: http1
+EOF
+}
+
+# Trellis inbound (as write_trellis) enforcing ten AuthorizationPolicies on every request: nine
+# DENY policies on paths and headers the load never sends, one ALLOW that every request matches
+# (method and path), so each request evaluates all ten. write_trellis_authz DIR PORT ADMIN APP
+write_trellis_authz() {
+  local dir=$1 port=$2 admin=$3 app=$4 i
+  write_trellis "$dir" "$port" "$admin" "$app"
+  echo "resources: [policies.yaml]" >>"$dir/trellis.yaml"
+  : >"$dir/policies.yaml"
+  for i in 1 2 3 4 5 6 7 8 9; do
+    cat >>"$dir/policies.yaml" <<EOF
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: deny-$i, namespace: default }
+spec:
+  action: DENY
+  rules:
+  - to: [{ operation: { paths: ["/admin/$i/*", "/internal/$i"] } }]
+  - when: [{ key: "request.headers[x-blocked-$i]", values: ["yes"] }]
+---
+EOF
+  done
+  cat >>"$dir/policies.yaml" <<EOF
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: allow-reads, namespace: default }
+spec:
+  action: ALLOW
+  rules:
+  - to: [{ operation: { methods: [GET, HEAD], paths: ["/*"] } }]
+EOF
+}
+
+# Trellis outbound through a per-upstream port to N endpoints of the origin (127.0.0.1..N, the
+# default peak-EWMA P2C balancer when N > 1). write_trellis_upstream DIR PORT ADMIN APP N
+write_trellis_upstream() {
+  local dir=$1 port=$2 admin=$3 app=$4 n=$5 i eps=""
+  mkdir -p "$dir"
+  for i in $(seq 1 "$n"); do eps+="${eps:+, }127.0.0.$i:$app"; done
+  cat >"$dir/trellis.yaml" <<EOF
+service: bench
+admin: 127.0.0.1:$admin
+outbound: { listen: null }
+upstreams:
+  - service: origin
+    listen: 127.0.0.1:$port
+    protocol: http1
+    endpoints: [$eps]
 EOF
 }
 

@@ -7,7 +7,10 @@
 # Environment: DURATION (s, default 10), RATE (open-loop req/s, 2000), CONNS (64), WARMUP (s, 2),
 # REPEAT (wrk runs per proxy start, default 2), ROUNDS (interleaved rounds over all rows, 3; the
 # wrk median is over all REPEAT x ROUNDS runs),
-# ROWS ("direct trellis haproxy nginx envoy"), SKIP_BUILD=1, TRELLIS_BIN=path, NO_DOC=1 (print only),
+# ROWS ("direct trellis trellis-authz10 trellis-out1 trellis-p2c4 haproxy nginx envoy": trellis
+# is the inbound path; -authz10 the same with ten AuthorizationPolicies; -out1 the outbound path
+# through a per-upstream port to one endpoint; -p2c4 the same to four endpoints, so its gap to
+# -out1 is the default balancer's overhead), SKIP_BUILD=1, TRELLIS_BIN=path, NO_DOC=1 (print only),
 # BENCH_KEEP=1 (keep the temp dir with configs and logs), QUIET_PCT (10) / QUIET_WAIT (600 s):
 # before each row wait up to QUIET_WAIT for the machine to be at most QUIET_PCT busy; OTHER_MAX
 # (5) / ROW_TRIES (3): measure a row again when other processes took more than OTHER_MAX % of the
@@ -19,7 +22,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$ROOT/bench/lib.sh"
 
 DOC="$ROOT/docs/benchmarks.md"
-read -r -a ROWS <<<"${ROWS:-direct trellis haproxy nginx envoy}"
+read -r -a ROWS <<<"${ROWS:-direct trellis trellis-authz10 trellis-out1 trellis-p2c4 haproxy nginx envoy}"
 : "${ROUNDS:=3}" "${ROW_TRIES:=3}" "${OTHER_MAX:=5}"
 TRELLIS_BIN=${TRELLIS_BIN:-$ROOT/target/release/trellis}
 
@@ -52,10 +55,15 @@ start_row() {
     direct)
       ROW_URL="http://127.0.0.1:$ORIGIN_PORT/"
       return 0 ;;
-    trellis)
+    trellis|trellis-authz10|trellis-out1|trellis-p2c4)
       alloc_port port; alloc_port admin
-      write_trellis "$dir" "$port" "$admin" "$ORIGIN_PORT"
-      start_trellis trellis "$PROXY_CPU" "$dir" "$TRELLIS_BIN"
+      case "$name" in
+        trellis) write_trellis "$dir" "$port" "$admin" "$ORIGIN_PORT" ;;
+        trellis-authz10) write_trellis_authz "$dir" "$port" "$admin" "$ORIGIN_PORT" ;;
+        trellis-out1) write_trellis_upstream "$dir" "$port" "$admin" "$ORIGIN_PORT" 1 ;;
+        trellis-p2c4) write_trellis_upstream "$dir" "$port" "$admin" "$ORIGIN_PORT" 4 ;;
+      esac
+      start_trellis "$name" "$PROXY_CPU" "$dir" "$TRELLIS_BIN"
       ROW_PID=$BENCH_LAST_PID
       wait_ready "$ROW_PID" "http://127.0.0.1:$admin/ready" || return 1 ;;
     haproxy)
@@ -176,7 +184,7 @@ measure_row() {
   if [ -n "$ROW_PID" ]; then
     local errs
     local pat='error|panic|critical'
-    [ "$name" = trellis ] && pat='error|panic|warn'   # trellis: warnings count too
+    [[ "$name" == trellis* ]] && pat='error|panic|warn'   # trellis: warnings count too
     errs=$(grep -ciE "$pat" "$BENCH_TMP/$name.log" || true)
     if [ "$errs" -gt 0 ]; then
       log "$name log has $errs error/warn lines:"; head -5 "$BENCH_TMP/$name.log" >&2
@@ -279,6 +287,9 @@ REPORT="$BENCH_TMP/report.md"
   echo "| throughput ≥ 3.0× Envoy | $(v "$t") / $(v "$e") req/s = ${vs_e}× | $(verdict ge "$vs_e" 3.0) |"
   echo "| idle RSS < 10 MB | $(v "${R_IDLE[trellis]:-}") MB | $(verdict lt "${R_IDLE[trellis]:-}" 10) |"
   echo "| RSS under load < 15 MB | $(v "${R_PEAK[trellis]:-}") MB | $(verdict lt "${R_PEAK[trellis]:-}" 15) |"
+  a=${R_RPS[trellis-authz10]:-}; o1=${R_RPS[trellis-out1]:-}; p4=${R_RPS[trellis-p2c4]:-}
+  echo "| 10 AuthorizationPolicies: no measurable throughput loss | $(v "$a") / $(v "$t") req/s = $(ratio "$a" "$t")× | compare with the spread of *wrk runs* |"
+  echo "| default balancer (P2C over 4 endpoints) against 1 endpoint, outbound | $(v "$p4") / $(v "$o1") req/s = $(ratio "$p4" "$o1")× | overhead shown, no target |"
   nx=0; for r in "${ROWS[@]}"; do nx=$((nx + ${R_NON2XX[$r]:-0} + ${R_WRK_ERR[$r]:-0} + ${R_OHA_ERR[$r]:-0})); done
   if [ "$nx" -gt 0 ]; then
     echo
@@ -298,7 +309,8 @@ REPORT="$BENCH_TMP/report.md"
          NR > 1 && $0 == prev { n++; next }
          NR > 1 { out() } { prev = $0; n = 1 } END { if (NR) out() }'
   echo '```'
-  for f in origin/nginx.conf trellis/trellis.yaml haproxy/haproxy.cfg nginx/nginx.conf envoy/envoy.yaml; do
+  for f in origin/nginx.conf trellis/trellis.yaml trellis-authz10/trellis.yaml trellis-authz10/policies.yaml \
+           trellis-p2c4/trellis.yaml haproxy/haproxy.cfg nginx/nginx.conf envoy/envoy.yaml; do
     [ -f "$BENCH_TMP/$f" ] || continue
     echo
     echo "\`\$TMP/$f\`:"
