@@ -214,12 +214,7 @@ pub fn compile(
                 .collect::<Result<Vec<_>, String>>()?;
             hosts.insert(
                 key.clone(),
-                Arc::new(VirtualHost {
-                    key,
-                    cluster,
-                    routes,
-                    tcp_routes,
-                }),
+                Arc::new(VirtualHost::new(key, cluster, routes, tcp_routes)),
             );
         }
     }
@@ -235,12 +230,7 @@ pub fn compile(
         };
         hosts.insert(
             key.clone(),
-            Arc::new(VirtualHost {
-                key,
-                cluster,
-                routes,
-                tcp_routes: Vec::new(),
-            }),
+            Arc::new(VirtualHost::new(key, cluster, routes, Vec::new())),
         );
     }
     for (key, cluster) in base {

@@ -70,6 +70,15 @@ impl Str {
     }
 }
 
+/// A literal path condition ([`HttpMatch::literal_path`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Literal<'a> {
+    /// The path equals this.
+    Exact(&'a str),
+    /// The path starts with this.
+    Prefix(&'a str),
+}
+
 /// What a match sees of the request besides its head.
 pub struct MatchContext<'a> {
     /// The path of the request (no query).
@@ -305,6 +314,19 @@ impl HttpMatch {
             }
         }
         true
+    }
+
+    /// The literal condition on the path, if any, for indexing routes: every path this match
+    /// can match equals the `Exact` string or starts with the `Prefix` one.
+    pub fn literal_path(&self) -> Option<Literal<'_>> {
+        if self.ignore_uri_case {
+            return None;
+        }
+        match &self.uri {
+            Some(Str::Exact(e)) => Some(Literal::Exact(e)),
+            Some(Str::Prefix(p) | Str::PathPrefix(p)) => Some(Literal::Prefix(p)),
+            _ => None,
+        }
     }
 
     /// The literal prefix the uri matched by, for a prefix rewrite (for exact and regex

@@ -11,11 +11,13 @@
 
 pub mod compile;
 mod gateway;
+mod index;
 pub mod matcher;
 
 use crate::resilience::retry::RetryPolicy;
 use crate::upstream::Service;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use index::RouteIndex;
 use matcher::{ConnMatch, HttpMatch, MatchContext, Source};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +33,8 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
     /// Compiled TCP routes, in order; a connection none of them matches goes to `cluster`.
     pub tcp_routes: Vec<TcpRoute>,
+    /// `routes` by literal path, for long tables.
+    index: RouteIndex,
 }
 
 /// One compiled TCP route (VirtualService `tcp`): connections that match go to one of the
@@ -241,11 +245,22 @@ pub enum Decision<'a> {
 impl VirtualHost {
     /// A host without routes.
     pub fn plain(cluster: Arc<Service>) -> Self {
+        Self::new(cluster.key.clone(), cluster, Vec::new(), Vec::new())
+    }
+
+    /// A host with these routes (indexed here).
+    pub fn new(
+        key: ServiceKey,
+        cluster: Arc<Service>,
+        routes: Vec<Route>,
+        tcp_routes: Vec<TcpRoute>,
+    ) -> Self {
         Self {
-            key: cluster.key.clone(),
+            key,
             cluster,
-            routes: Vec::new(),
-            tcp_routes: Vec::new(),
+            index: RouteIndex::build(&routes),
+            routes,
+            tcp_routes,
         }
     }
 
@@ -276,11 +291,16 @@ impl VirtualHost {
                 backend_headers: None,
             };
         }
-        let Some(route) = self
-            .routes
-            .iter()
-            .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(head, cx)))
-        else {
+        let matches =
+            |r: &&Route| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(head, cx));
+        let route = match self.index.candidates(cx.path) {
+            Some(could) => could
+                .iter()
+                .map(|&i| &self.routes[i as usize])
+                .find(matches),
+            None => self.routes.iter().find(matches),
+        };
+        let Some(route) = route else {
             return Decision::NoRoute;
         };
         match &route.action {
