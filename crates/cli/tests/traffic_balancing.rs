@@ -390,3 +390,86 @@ async fn consistent_hashing_keeps_users_home_when_an_endpoint_goes() {
         "{stayed} of the {stayers} users of the remaining endpoints kept them"
     );
 }
+
+const EJECT_RULE: &str = "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: user-profile, namespace: edtech }
+spec:
+  host: user-profile
+  trafficPolicy:
+    loadBalancer: { simple: ROUND_ROBIN }
+    outlierDetection: { consecutive5xxErrors: 3, interval: 30s, baseEjectionTime: 30s, maxEjectionPercent: 50 }
+";
+
+/// The `ejected` flags of the frontend's user-profile endpoints, by address.
+async fn ejected(frontend: &Trellis) -> HashMap<String, bool> {
+    let (_, cfg) = frontend.admin_get("/config").await;
+    let cfg: Value = serde_json::from_str(&cfg).unwrap();
+    cfg["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["host"] == "user-profile.edtech")
+        .flat_map(|h| h["cluster"]["endpoints"].as_array().cloned().unwrap())
+        .map(|e| {
+            (
+                e["address"].as_str().unwrap().to_string(),
+                e["ejected"] == true,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejection_survives_a_push_about_something_else() {
+    let control = Control::start(BIN, &[]).await;
+    let good = HttpOrigin::start_with_name("good").await.unwrap();
+    let bad = HttpOrigin::start_failing("bad", 503).await.unwrap();
+    let front_app = HttpOrigin::start().await.unwrap();
+    let up: &[&str] = &["app=user-profile"];
+    let procs = join(
+        &control,
+        &[
+            ("user-profile", good.addr(), up),
+            ("user-profile", bad.addr(), up),
+            ("frontend", front_app.addr(), &["app=frontend"]),
+        ],
+    )
+    .await;
+    let front = &procs[2];
+    let dir = TempDir::new("eject-push");
+    apply(&control, &dir, "rules.yaml", EJECT_RULE);
+    configured(&front.proxy, "RoundRobin", 2).await;
+    let h2 = H2::connect(front.outbound).await;
+
+    // Round robin: the failing endpoint answers every other request; three 503s eject it.
+    for _ in 0..6 {
+        let req = http::Request::get("http://user-profile.edtech/echo")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        h2.send(req).await;
+    }
+    let bad_addr = procs[1].inbound.to_string();
+    assert_eq!(ejected(&front.proxy).await.get(&bad_addr), Some(&true));
+    let (_, cfg) = front.proxy.admin_get("/config").await;
+    let version = serde_json::from_str::<Value>(&cfg).unwrap()["version"].clone();
+
+    // A workload of another service joins: every proxy gets a new config version.
+    let other_app = HttpOrigin::start().await.unwrap();
+    let _other = join(&control, &[("grades", other_app.addr(), &[])]).await;
+    eventually(Duration::from_secs(5), "a new config version", || async {
+        let (_, cfg) = front.proxy.admin_get("/config").await;
+        let v = serde_json::from_str::<Value>(&cfg).unwrap()["version"].clone();
+        (v != version).then_some(())
+    })
+    .await;
+
+    // The user-profile cluster did not change: still ejected, nothing reaches it.
+    assert_eq!(ejected(&front.proxy).await.get(&bad_addr), Some(&true));
+    let before = bad.requests();
+    for _ in 0..10 {
+        assert_eq!(get(&h2, "/echo", &[]).await.0, "good");
+    }
+    assert_eq!(bad.requests(), before);
+}

@@ -217,11 +217,20 @@ pub fn assemble(
         let key = ServiceKey::new(&h.name, h.namespace.as_deref().unwrap_or(namespace));
         known.contains(&key).then_some(key)
     };
+    // Clusters the new config builds exactly as the running one has them are kept, with
+    // their retry budgets, circuit-breaker counts and outlier ejections: a push about
+    // something else must not put an ejected endpoint back in service.
+    let running = shared.services.load().clusters();
     let make = |key: &ServiceKey,
                 subset: Option<&str>,
                 endpoints: Vec<Arc<EndpointConns>>,
                 timeout: Option<std::time::Duration>,
                 balancing: crate::upstream::Balancing| {
+        if let Some(c) = running.get(&(key.clone(), subset.map(Arc::from))) {
+            if c.is_built_as(subset, &endpoints, timeout, &balancing) {
+                return c.clone();
+            }
+        }
         let peer = Peer::new(&key.name, &key.namespace);
         let mut s = Service::new(
             key.clone(),

@@ -264,6 +264,25 @@ impl VirtualHost {
         }
     }
 
+    /// Every cluster this host can send to: its service, route backends and mirrors.
+    pub fn clusters(&self) -> impl Iterator<Item = &Arc<Service>> {
+        let routes = self.routes.iter().flat_map(|r| {
+            let backends: &[Backend] = match &r.action {
+                Action::Forward(b) => b,
+                _ => &[],
+            };
+            backends
+                .iter()
+                .map(|b| &b.cluster)
+                .chain(r.mirrors.iter().map(|m| &m.cluster))
+        });
+        let tcp = self
+            .tcp_routes
+            .iter()
+            .flat_map(|r| r.backends.iter().map(|b| &b.cluster));
+        std::iter::once(&self.cluster).chain(routes).chain(tcp)
+    }
+
     /// Where a TCP connection (or `CONNECT` tunnel) to `port` goes: the first TCP route that
     /// matches draws one of its backends; without a matching route, the service itself.
     /// `None`: the matching route has no destination this proxy can reach.

@@ -73,6 +73,8 @@ pub struct Service {
     limiter: Limiter,
     /// Ejection of failing endpoints (by index in [`Service::endpoints`]).
     outlier: Option<OutlierDetector>,
+    /// The settings it was built with, to tell whether a new config changes it.
+    settings: Balancing,
 }
 
 /// The endpoint [`Service::pick_for`] chose for a request.
@@ -105,11 +107,35 @@ impl Service {
             cookie_attributes: None,
             limiter: Limiter::default(),
             outlier: None,
+            settings: Balancing::default(),
         }
+    }
+
+    /// Whether this cluster is what a new config would build again: the same subset,
+    /// endpoints (the same pooled endpoints, in order), timeout and balancing settings. Such
+    /// a cluster is kept across config versions, with its retry budget, circuit-breaker
+    /// counts and outlier ejections.
+    pub fn is_built_as(
+        &self,
+        subset: Option<&str>,
+        endpoints: &[Arc<EndpointConns>],
+        timeout: Option<Duration>,
+        balancing: &Balancing,
+    ) -> bool {
+        self.subset.as_deref() == subset
+            && self.timeout == timeout
+            && self.settings == *balancing
+            && self.endpoints().len() == endpoints.len()
+            && self
+                .endpoints()
+                .iter()
+                .zip(endpoints)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
     }
 
     /// The same service balanced by `balancing` (builds its hash ring or table, if any).
     pub fn with_balancing(mut self, balancing: Balancing) -> Self {
+        self.settings = balancing.clone();
         let endpoints = self.balancer.endpoints().clone();
         self.balancer = Balancer::new(balancing.policy, endpoints);
         self.cookie_attributes = match &balancing.hash_on {
@@ -346,6 +372,15 @@ impl ServiceTable {
     /// Every service in the table.
     pub fn services(&self) -> impl Iterator<Item = &Arc<VirtualHost>> {
         self.by_key.values()
+    }
+
+    /// Every cluster the table's hosts use (services and subsets), by key and subset.
+    pub fn clusters(&self) -> HashMap<(ServiceKey, Option<Arc<str>>), Arc<Service>> {
+        self.by_key
+            .values()
+            .flat_map(|h| h.clusters())
+            .map(|c| ((c.key.clone(), c.subset.clone()), c.clone()))
+            .collect()
     }
 }
 
