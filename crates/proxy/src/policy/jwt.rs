@@ -36,7 +36,10 @@ mod location;
 #[cfg(test)]
 mod tests;
 
-pub use jwks::{JwksCache, JwksStatus, JWKS_FETCH_TIMEOUT, JWKS_REFRESH_INTERVAL};
+pub use jwks::{
+    JwksCache, JwksSettings, JwksStatus, JWKS_FETCH_TIMEOUT, JWKS_MIN_REFETCH_INTERVAL,
+    JWKS_REFRESH_INTERVAL,
+};
 
 use super::authz::JwtAttrs;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

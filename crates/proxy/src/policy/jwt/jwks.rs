@@ -7,11 +7,12 @@
 //! a public key. A key's `alg`, when given, narrows it to that one algorithm; RSA moduli
 //! must have 2048 to 4096 bits.
 //!
-//! Remote sets are fetched once when first needed, then every [`JWKS_REFRESH_INTERVAL`]; a
-//! failed fetch is retried with exponential backoff (1 s doubling to 60 s, capped at the
-//! refresh interval) and the last good keys stay in use meanwhile. A token whose `kid` is not
-//! in the set asks for an early refetch (at most every 30 s), so a rotated-in key is picked up
-//! without waiting for the refresh. `http://` URIs are fetched with a plain HTTP/1.1 GET,
+//! Remote sets are fetched once when first needed, then every refresh interval
+//! ([`JwksSettings`], by default [`JWKS_REFRESH_INTERVAL`]); a failed fetch is retried with
+//! exponential backoff (1 s doubling to 60 s, capped at the refresh interval) and the last good
+//! keys stay in use meanwhile. A token whose `kid` is not in the set asks for an early refetch
+//! (at most every minimum refetch interval, by default [`JWKS_MIN_REFETCH_INTERVAL`]), so a
+//! rotated-in key is picked up without waiting for the refresh. `http://` URIs are fetched with a plain HTTP/1.1 GET,
 //! `file://` paths are read from disk; `https://` is refused at compile time for now (the proxy
 //! has no web PKI roots): serve the JWKS over `http://`, through the mesh's outbound listener
 //! (see [`JwksCache`]'s `connect_to`) so in-mesh key servers are reached over mTLS.
@@ -42,8 +43,9 @@ pub const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_INITIAL: Duration = Duration::from_secs(1);
 /// Longest delay between retries of a failing fetch.
 const RETRY_MAX: Duration = Duration::from_secs(60);
-/// Least time between two fetches of one URI asked for by tokens with an unknown `kid`.
-const EARLY_REFETCH_GAP: Duration = Duration::from_secs(30);
+/// Least time between two fetches of one URI asked for by tokens with an unknown `kid`, unless
+/// the bootstrap's `jwks.min_refetch_interval` says otherwise.
+pub const JWKS_MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 1 << 20;
 
@@ -390,7 +392,7 @@ impl JwksSlot {
     }
 
     /// Asks for an early refetch (a token named a `kid` the set lacks), at most once per
-    /// [`EARLY_REFETCH_GAP`].
+    /// minimum refetch interval ([`JwksSettings::min_refetch_interval`]).
     pub(super) fn request_refresh(&self) {
         let Ok(mut last) = self.last_attempt.lock() else {
             return;
@@ -445,22 +447,46 @@ struct CacheInner {
     slots: Mutex<HashMap<String, Weak<JwksSlot>>>,
     connect_to: Option<SocketAddr>,
     refresh: Duration,
+    min_refetch: Duration,
     runtime: Option<tokio::runtime::Handle>,
 }
 
+/// How often a [`JwksCache`] refetches key sets (the bootstrap's `jwks` section).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JwksSettings {
+    /// Time between two scheduled fetches of a key set; retries of a failing fetch back off
+    /// up to the same bound.
+    pub refresh_interval: Duration,
+    /// Least time between two early fetches asked for by tokens naming an unknown `kid`.
+    pub min_refetch_interval: Duration,
+}
+
+impl Default for JwksSettings {
+    fn default() -> Self {
+        JwksSettings {
+            refresh_interval: JWKS_REFRESH_INTERVAL,
+            min_refetch_interval: JWKS_MIN_REFETCH_INTERVAL,
+        }
+    }
+}
+
 impl JwksCache {
-    /// A cache refreshing every [`JWKS_REFRESH_INTERVAL`].
+    /// A cache with the default [`JwksSettings`].
     pub fn new(connect_to: Option<SocketAddr>) -> Self {
-        Self::with_refresh_interval(connect_to, JWKS_REFRESH_INTERVAL)
+        Self::with_settings(connect_to, JwksSettings::default())
     }
 
-    /// A cache refreshing every `refresh` (retries back off up to the same bound).
-    pub fn with_refresh_interval(connect_to: Option<SocketAddr>, refresh: Duration) -> Self {
+    /// A cache refetching as `settings` say. The bootstrap validates the intervals (at least
+    /// 1 s); here they are only floored at 10 ms, and the early-refetch gap is capped at the
+    /// refresh interval.
+    pub fn with_settings(connect_to: Option<SocketAddr>, settings: JwksSettings) -> Self {
+        let refresh = settings.refresh_interval.max(Duration::from_millis(10));
         JwksCache {
             inner: Arc::new(CacheInner {
                 slots: Mutex::new(HashMap::new()),
                 connect_to,
-                refresh: refresh.max(Duration::from_millis(10)),
+                refresh,
+                min_refetch: settings.min_refetch_interval.min(refresh),
                 runtime: tokio::runtime::Handle::try_current().ok(),
             }),
         }
@@ -495,7 +521,7 @@ impl JwksCache {
             keys: ArcSwapOption::empty(),
             status: Mutex::new(JwksStatus::default()),
             last_attempt: Mutex::new(None),
-            early_gap: EARLY_REFETCH_GAP.min(self.inner.refresh),
+            early_gap: self.inner.min_refetch,
             wake: wake.clone(),
         });
         slots.retain(|_, w| w.strong_count() > 0);

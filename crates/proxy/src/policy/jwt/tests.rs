@@ -907,7 +907,13 @@ async fn fetched_keys_outlive_the_jwks_server() {
     let key = ec(Algorithm::ES256, "k1");
     let server = JwksServer::start(jwks(&[&key])).await;
     let uri = server.uri();
-    let cache = JwksCache::with_refresh_interval(None, Duration::from_millis(100));
+    let cache = JwksCache::with_settings(
+        None,
+        JwksSettings {
+            refresh_interval: Duration::from_millis(100),
+            min_refetch_interval: Duration::from_millis(100),
+        },
+    );
     let authn = compile_with(&cache, vec![remote_rule(&uri)]);
     let request = bearer(&key.sign(&claims()));
     eventually("the JWKS fetch", || {
@@ -934,7 +940,13 @@ async fn refresh_picks_up_a_rotated_key() {
     let old = ec(Algorithm::ES256, "old");
     let new = ed("new");
     let server = JwksServer::start(jwks(&[&old])).await;
-    let cache = JwksCache::with_refresh_interval(None, Duration::from_millis(100));
+    let cache = JwksCache::with_settings(
+        None,
+        JwksSettings {
+            refresh_interval: Duration::from_millis(100),
+            min_refetch_interval: Duration::from_millis(100),
+        },
+    );
     let authn = compile_with(&cache, vec![remote_rule(&server.uri())]);
     let old_token = bearer(&old.sign(&claims()));
     let new_token = bearer(&new.sign(&claims()));
@@ -963,7 +975,13 @@ async fn keys_not_yet_fetched_are_unavailable() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let uri = format!("http://{}/jwks", closed.local_addr().unwrap());
     drop(closed);
-    let cache = JwksCache::with_refresh_interval(None, Duration::from_millis(50));
+    let cache = JwksCache::with_settings(
+        None,
+        JwksSettings {
+            refresh_interval: Duration::from_millis(50),
+            min_refetch_interval: Duration::from_millis(50),
+        },
+    );
     let authn = compile_with(&cache, vec![remote_rule(&uri)]);
     let request = bearer(&ed("k").sign(&claims()));
     assert_eq!(
