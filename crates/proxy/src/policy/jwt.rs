@@ -31,6 +31,7 @@
 //!   name is first removed from the request, and [`JwtAuthn::strip_output_headers`] does the
 //!   same for requests without a token, so a client cannot forge what the app trusts.
 
+mod fetch;
 mod jwks;
 mod location;
 #[cfg(test)]

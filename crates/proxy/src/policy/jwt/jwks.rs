@@ -20,9 +20,6 @@
 use arc_swap::ArcSwapOption;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -30,6 +27,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
+
+use super::fetch::JwksSource;
 
 /// How often a fetched JWKS is fetched again (Envoy caches remote JWKS for 5 minutes, Istio's
 /// control plane refreshes every 20; 10 minutes picks up rotations well inside an IdP's usual
@@ -46,8 +45,6 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Least time between two fetches of one URI asked for by tokens with an unknown `kid`, unless
 /// the bootstrap's `jwks.min_refetch_interval` says otherwise.
 pub const JWKS_MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
-/// Largest JWKS document accepted.
-const MAX_JWKS_BYTES: usize = 1 << 20;
 
 /// The algorithms a key type can verify.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -256,110 +253,6 @@ pub(super) fn asymmetric_algorithm(name: &str) -> Option<Algorithm> {
         "EdDSA" => EdDSA,
         _ => return None,
     })
-}
-
-/// Where a remote key set comes from.
-#[derive(Clone, Debug)]
-enum JwksSource {
-    Http(http::Uri),
-    File(String),
-}
-
-impl JwksSource {
-    fn parse(uri: &str) -> Result<JwksSource, String> {
-        if let Some(path) = uri.strip_prefix("file://") {
-            if path.is_empty() {
-                return Err(format!("{uri:?} names no file"));
-            }
-            return Ok(JwksSource::File(path.to_string()));
-        }
-        if uri.starts_with("https://") {
-            return Err(format!(
-                "{uri:?}: https JWKS URIs are not supported yet (the proxy holds no web PKI \
-                 roots); serve the JWKS over http:// through the mesh, from a file:// path, or \
-                 inline in `jwks`"
-            ));
-        }
-        if !uri.starts_with("http://") {
-            return Err(format!("{uri:?} is not an http:// or file:// URI"));
-        }
-        let parsed: http::Uri = uri.parse().map_err(|e| format!("{uri:?}: {e}"))?;
-        if parsed.host().is_none_or(str::is_empty) {
-            return Err(format!("{uri:?} names no host"));
-        }
-        Ok(JwksSource::Http(parsed))
-    }
-
-    async fn fetch(&self, connect_to: Option<SocketAddr>) -> Result<String, String> {
-        match self {
-            JwksSource::File(path) => {
-                let path = path.clone();
-                let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-                if bytes.len() > MAX_JWKS_BYTES {
-                    return Err(format!("larger than {MAX_JWKS_BYTES} bytes"));
-                }
-                String::from_utf8(bytes).map_err(|_| "not UTF-8".into())
-            }
-            JwksSource::Http(uri) => fetch_http(uri, connect_to).await,
-        }
-    }
-}
-
-/// GETs `uri` over a fresh HTTP/1.1 connection, to `connect_to` when given (the request is
-/// then sent in absolute form, as to a forward proxy) or to the URI's host.
-async fn fetch_http(uri: &http::Uri, connect_to: Option<SocketAddr>) -> Result<String, String> {
-    let authority = uri.authority().ok_or("no host")?;
-    let stream = match connect_to {
-        Some(addr) => tokio::net::TcpStream::connect(addr).await,
-        None => {
-            let host = authority
-                .host()
-                .trim_start_matches('[')
-                .trim_end_matches(']');
-            tokio::net::TcpStream::connect((host, authority.port_u16().unwrap_or(80))).await
-        }
-    }
-    .map_err(|e| format!("connect: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let conn = tokio::spawn(conn);
-    let target = match connect_to {
-        Some(_) => uri.clone(),
-        None => uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .parse()
-            .map_err(|e| format!("{e}"))?,
-    };
-    let request = http::Request::get(target)
-        .header(http::header::HOST, authority.as_str())
-        .header(http::header::ACCEPT, "application/json")
-        .header(http::header::USER_AGENT, "trellis-proxy")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let result = async {
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("request: {e}"))?;
-        if response.status() != http::StatusCode::OK {
-            return Err(format!("status {}", response.status()));
-        }
-        let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("body: {e}"))?
-            .to_bytes();
-        String::from_utf8(body.to_vec()).map_err(|_| "body is not UTF-8".to_string())
-    }
-    .await;
-    drop(sender);
-    conn.abort();
-    result
 }
 
 /// What a [`JwksCache`] knows about one URI, for status pages and tests.
