@@ -1,7 +1,8 @@
 //! Fetching one JWKS document: `http://` URIs with a plain HTTP/1.1 GET, `file://` paths read
 //! from disk. `https://` is refused at compile time for now (the proxy has no web PKI roots):
 //! serve the JWKS over `http://`, through the mesh's outbound listener (see
-//! [`super::JwksCache`]'s `connect_to`) so in-mesh key servers are reached over mTLS.
+//! [`super::JwksCache`]'s `connect_to`) so in-mesh key servers are reached over mTLS; hosts
+//! the mesh does not know are then fetched directly.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
@@ -63,10 +64,47 @@ impl JwksSource {
     }
 }
 
+/// GETs `uri` over HTTP/1.1: through `connect_to` (the mesh's outbound listener) when given,
+/// else from the URI's host. When the outbound listener answers that the host is no service
+/// of the mesh (`503` with `x-trellis-error: unknown-service`), there is no mesh route to it,
+/// so the document is fetched from the host directly instead.
+async fn fetch_http(uri: &http::Uri, connect_to: Option<SocketAddr>) -> Result<String, String> {
+    match get(uri, connect_to).await {
+        Err(GetError::UnknownToMesh) => {
+            tracing::debug!(%uri, "JWKS host is not a mesh service; fetching it directly");
+            get(uri, None).await.map_err(GetError::into_message)
+        }
+        other => other.map_err(GetError::into_message),
+    }
+}
+
+/// Why one GET produced no document.
+enum GetError {
+    /// The outbound listener does not know the URI's host.
+    UnknownToMesh,
+    /// Anything else, as a message for the status page and the log.
+    Failed(String),
+}
+
+impl GetError {
+    fn into_message(self) -> String {
+        match self {
+            GetError::UnknownToMesh => "status 503 (x-trellis-error: unknown-service)".into(),
+            GetError::Failed(why) => why,
+        }
+    }
+}
+
+impl From<String> for GetError {
+    fn from(why: String) -> Self {
+        GetError::Failed(why)
+    }
+}
+
 /// GETs `uri` over a fresh HTTP/1.1 connection, to `connect_to` when given (the request is
 /// then sent in absolute form, as to a forward proxy) or to the URI's host.
-async fn fetch_http(uri: &http::Uri, connect_to: Option<SocketAddr>) -> Result<String, String> {
-    let authority = uri.authority().ok_or("no host")?;
+async fn get(uri: &http::Uri, connect_to: Option<SocketAddr>) -> Result<String, GetError> {
+    let authority = uri.authority().ok_or("no host".to_string())?;
     let stream = match connect_to {
         Some(addr) => tokio::net::TcpStream::connect(addr).await,
         None => {
@@ -101,15 +139,24 @@ async fn fetch_http(uri: &http::Uri, connect_to: Option<SocketAddr>) -> Result<S
             .send_request(request)
             .await
             .map_err(|e| format!("request: {e}"))?;
+        if connect_to.is_some()
+            && response.status() == http::StatusCode::SERVICE_UNAVAILABLE
+            && response
+                .headers()
+                .get("x-trellis-error")
+                .is_some_and(|v| v == "unknown-service")
+        {
+            return Err(GetError::UnknownToMesh);
+        }
         if response.status() != http::StatusCode::OK {
-            return Err(format!("status {}", response.status()));
+            return Err(format!("status {}", response.status()).into());
         }
         let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
             .collect()
             .await
             .map_err(|e| format!("body: {e}"))?
             .to_bytes();
-        String::from_utf8(body.to_vec()).map_err(|_| "body is not UTF-8".to_string())
+        String::from_utf8(body.to_vec()).map_err(|_| "body is not UTF-8".to_string().into())
     }
     .await;
     drop(sender);

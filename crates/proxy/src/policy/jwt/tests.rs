@@ -803,10 +803,13 @@ fn jwks_keys_of_unsupported_kinds_are_skipped() {
 
 // ---- JWKS over the network ------------------------------------------------------------------
 
-/// A loopback HTTP server answering every request with the current JWKS.
+/// A loopback HTTP server answering every request with the current JWKS, or, while
+/// `mesh_error` is set, like a proxy's outbound listener that cannot route: 503 with that
+/// `x-trellis-error`.
 struct JwksServer {
     addr: std::net::SocketAddr,
     body: Arc<Mutex<String>>,
+    mesh_error: Arc<Mutex<Option<&'static str>>>,
     requests: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -816,12 +819,13 @@ impl JwksServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let body = Arc::new(Mutex::new(body));
+        let mesh_error = Arc::new(Mutex::new(None));
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let (b, r) = (body.clone(), requests.clone());
+        let (b, r, m) = (body.clone(), requests.clone(), mesh_error.clone());
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
-                let (body, requests) = (b.clone(), r.clone());
+                let (body, requests, mesh_error) = (b.clone(), r.clone(), m.clone());
                 let service =
                     hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let host = req
@@ -834,11 +838,14 @@ impl JwksServer {
                             .unwrap()
                             .push(format!("{host} {}", req.uri()));
                         let text = body.lock().unwrap().clone();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                                bytes::Bytes::from(text),
-                            )))
+                        let mut response = http::Response::new(Full::new(bytes::Bytes::from(text)));
+                        if let Some(error) = *mesh_error.lock().unwrap() {
+                            *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                            response
+                                .headers_mut()
+                                .insert("x-trellis-error", HeaderValue::from_static(error));
                         }
+                        async move { Ok::<_, std::convert::Infallible>(response) }
                     });
                 connections.spawn(async move {
                     let io = hyper_util::rt::TokioIo::new(stream);
@@ -851,6 +858,7 @@ impl JwksServer {
         JwksServer {
             addr,
             body,
+            mesh_error,
             requests,
             task,
         }
@@ -1026,6 +1034,62 @@ async fn fetch_goes_to_connect_to_in_absolute_form() {
     // Configs share the cache's fetched keys.
     let again = compile_with(&cache, vec![remote_rule(uri)]);
     valid(again.authenticate(&request, None));
+    server.stop().await;
+}
+
+/// An outbound listener standing in for the mesh, answering every request with `error`.
+async fn mesh_answering(error: &'static str) -> JwksServer {
+    let outbound = JwksServer::start(String::new()).await;
+    *outbound.mesh_error.lock().unwrap() = Some(error);
+    outbound
+}
+
+#[tokio::test]
+async fn hosts_unknown_to_the_mesh_are_fetched_directly() {
+    let key = ec(Algorithm::ES256, "k");
+    let server = JwksServer::start(jwks(&[&key])).await;
+    let outbound = mesh_answering("unknown-service").await;
+    let cache = JwksCache::new(Some(outbound.addr));
+    let authn = compile_with(&cache, vec![remote_rule(&server.uri())]);
+    let request = bearer(&key.sign(&claims()));
+    eventually("the direct fetch", || {
+        is_valid(authn.authenticate(&request, None))
+    })
+    .await;
+    // The mesh was asked first, then the host itself (origin form).
+    assert_eq!(
+        outbound.requests.lock().unwrap()[0],
+        format!("{} {}", server.addr, server.uri())
+    );
+    assert_eq!(
+        server.requests.lock().unwrap()[0],
+        format!("{} /.well-known/jwks.json", server.addr)
+    );
+    outbound.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn other_mesh_errors_are_not_bypassed() {
+    let key = ec(Algorithm::ES256, "k");
+    let server = JwksServer::start(jwks(&[&key])).await;
+    let outbound = mesh_answering("no-endpoints").await;
+    let cache = JwksCache::new(Some(outbound.addr));
+    let uri = server.uri();
+    let authn = compile_with(&cache, vec![remote_rule(&uri)]);
+    eventually("a failed fetch", || {
+        cache.status(&uri).unwrap().consecutive_failures >= 1
+    })
+    .await;
+    let status = cache.status(&uri).unwrap();
+    assert_eq!(status.keys, None);
+    assert_eq!(
+        status.last_error.as_deref(),
+        Some("status 503 Service Unavailable")
+    );
+    assert!(server.requests.lock().unwrap().is_empty());
+    drop(authn);
+    outbound.stop().await;
     server.stop().await;
 }
 
