@@ -71,8 +71,8 @@ fn token_for(signer: &Signer, kid: &str) -> String {
     )
 }
 
-/// A loopback HTTP server answering every request with the current `body` (a JWKS the test
-/// swaps), recording each request's target.
+/// A loopback HTTP server (HTTPS with a `tls` acceptor) answering every request with the
+/// current `body` (a JWKS the test swaps), recording each request's target.
 struct JwksServer {
     addr: SocketAddr,
     body: Arc<Mutex<String>>,
@@ -82,6 +82,10 @@ struct JwksServer {
 
 impl JwksServer {
     async fn start(body: String) -> Self {
+        Self::start_with(body, None).await
+    }
+
+    async fn start_with(body: String, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let body = Arc::new(Mutex::new(body));
@@ -91,7 +95,7 @@ impl JwksServer {
             // Connections live in the set, so aborting the task closes them too.
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
-                let (body, requests) = (b.clone(), r.clone());
+                let (body, requests, tls) = (b.clone(), r.clone(), tls.clone());
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(
                         move |req: http::Request<hyper::body::Incoming>| {
@@ -104,9 +108,20 @@ impl JwksServer {
                             }
                         },
                     );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
+                    let http1 = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            let _ = http1.serve_connection(io, service).await;
+                        }
+                        Some(tls) => {
+                            let Ok(stream) = tls.accept(stream).await else {
+                                return;
+                            };
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            let _ = http1.serve_connection(io, service).await;
+                        }
+                    }
                 });
             }
         });
@@ -133,10 +148,14 @@ async fn apply_remote_jwks_policies(control: &Control, proxy: &Trellis, jwks_uri
     std::fs::write(&f, remote_jwks_policies(jwks_uri)).unwrap();
     let (code, o, e) = control.cli(&["apply", "-f", f.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{o}{e}");
-    eventually(Duration::from_secs(5), "the policies reach the proxy", || async {
-        let (_, cfg) = proxy.admin_get("/config").await;
-        (cfg.contains("secure-needs-jwt") && cfg.contains(jwks_uri)).then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the policies reach the proxy",
+        || async {
+            let (_, cfg) = proxy.admin_get("/config").await;
+            (cfg.contains("secure-needs-jwt") && cfg.contains(jwks_uri)).then_some(())
+        },
+    )
     .await;
 }
 
@@ -170,6 +189,53 @@ fn remote_jwks_policies(jwks_uri: &str) -> String {
 /// The refresh settings the remote-JWKS tests bootstrap `user-service` with.
 const FAST_JWKS: &str = "jwks: { refresh_interval: 1s, min_refetch_interval: 1s }\n";
 
+/// A fresh CA named `name`: its certificate (PEM) and, signed by it, a server config for
+/// `localhost`.
+fn ca_and_localhost_server(name: &str) -> (String, Arc<rustls::ServerConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name.push(DnType::CommonName, name);
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    (ca.pem(), Arc::new(config))
+}
+
+/// A static proxy for `user-service` (labels app=user-service) in front of `app`, applying
+/// the resources in `policies`, trusting only the roots in `ca_file` for https. Returns the
+/// proxy and its inbound address.
+async fn static_user_service(
+    app: SocketAddr,
+    policies: &std::path::Path,
+    ca_file: &std::path::Path,
+) -> (Trellis, SocketAddr) {
+    let (admin, inbound, outbound) = (free_addr(), free_addr(), free_addr());
+    let yaml = format!(
+        "service: user-service\nlabels: {{ app: user-service }}\nadmin: {admin}\n\
+         outbound: {{ listen: {outbound} }}\ninbound:\n  - listen: {inbound}\n    app: {app}\n\
+         resources: [{}]\n{FAST_JWKS}",
+        policies.display()
+    );
+    let ca = ca_file.to_str().unwrap();
+    let proxy = Trellis::start_with_env(BIN, &yaml, admin, &[], &[("SSL_CERT_FILE", ca)]).await;
+    (proxy, inbound)
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -177,14 +243,19 @@ fn now() -> u64 {
         .as_secs()
 }
 
+/// GET `path` of user-service through the outbound listener `out`.
 async fn call(out: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    get(out, &format!("http://user-service{path}"), token).await
+}
+
+/// GET `target` (origin or absolute form) from `addr`, with `token` as a bearer token.
+async fn get(addr: SocketAddr, target: &str, token: Option<&str>) -> (u16, String) {
     let bearer = token.map(|t| format!("Bearer {t}"));
     let headers: Vec<(&str, &str)> = bearer
         .as_deref()
         .map(|b| vec![("authorization", b)])
         .unwrap_or_default();
-    let url = format!("http://user-service{path}");
-    match http1_get(out, &url, &headers).await {
+    match http1_get(addr, target, &headers).await {
         Ok((s, _, body)) => (s.as_u16(), String::from_utf8_lossy(&body).into_owned()),
         Err(e) => (0, e.to_string()),
     }
@@ -400,4 +471,51 @@ async fn jwks_rotation_reaches_a_running_proxy() {
         "refreshes failed meanwhile: {}",
         user_service.stderr()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_jwks_is_verified_against_the_trust_store() {
+    let dir = TempDir::new("jwks-https");
+    let (ca_pem, server_config) = ca_and_localhost_server("JWKS test CA");
+    let (other_ca_pem, _) = ca_and_localhost_server("some other CA");
+    let (ca, other_ca) = (dir.path().join("ca.pem"), dir.path().join("other-ca.pem"));
+    std::fs::write(&ca, ca_pem).unwrap();
+    std::fs::write(&other_ca, other_ca_pem).unwrap();
+    let signer = Signer::new();
+    let server = JwksServer::start_with(
+        signer.jwks.clone(),
+        Some(tokio_rustls::TlsAcceptor::from(server_config)),
+    )
+    .await;
+    let uri = format!("https://localhost:{}/jwks.json", server.addr.port());
+    let policies = dir.path().join("policies.yaml");
+    std::fs::write(&policies, remote_jwks_policies(&uri)).unwrap();
+    let app = HttpOrigin::start().await.unwrap();
+    let token = token_for(&signer, "k1");
+
+    // Trusting the server's CA: the keys load and the token is accepted.
+    let (_trusting, inbound) = static_user_service(app.addr(), &policies, &ca).await;
+    eventually(
+        Duration::from_secs(10),
+        "keys fetched over https",
+        || async { (get(inbound, "/echo/secure", Some(&token)).await.0 == 200).then_some(()) },
+    )
+    .await;
+    assert_eq!(server.requests.lock().unwrap()[0], "/jwks.json");
+
+    // Trusting another CA only: the handshake fails, the keys never load, the token is 401.
+    let (distrusting, inbound) = static_user_service(app.addr(), &policies, &other_ca).await;
+    let warning = eventually(Duration::from_secs(10), "a failed https fetch", || async {
+        let log = distrusting.stderr();
+        log.lines()
+            .find(|l| l.contains("JWKS fetch failed") && l.contains(&uri))
+            .map(str::to_string)
+    })
+    .await;
+    assert!(
+        warning.contains("WARN") && warning.contains("invalid peer certificate: UnknownIssuer"),
+        "{warning}"
+    );
+    let (status, body) = get(inbound, "/echo/secure", Some(&token)).await;
+    assert_eq!(status, 401, "{body}");
 }

@@ -12,10 +12,8 @@
 //! exponential backoff (1 s doubling to 60 s, capped at the refresh interval) and the last good
 //! keys stay in use meanwhile. A token whose `kid` is not in the set asks for an early refetch
 //! (at most every minimum refetch interval, by default [`JWKS_MIN_REFETCH_INTERVAL`]), so a
-//! rotated-in key is picked up without waiting for the refresh. `http://` URIs are fetched with a plain HTTP/1.1 GET,
-//! `file://` paths are read from disk; `https://` is refused at compile time for now (the proxy
-//! has no web PKI roots): serve the JWKS over `http://`, through the mesh's outbound listener
-//! (see [`JwksCache`]'s `connect_to`) so in-mesh key servers are reached over mTLS.
+//! rotated-in key is picked up without waiting for the refresh. How a document is fetched
+//! (`http://`, `https://`, `file://`) is in [`super::fetch`].
 
 use arc_swap::ArcSwapOption;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -28,7 +26,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
 
-use super::fetch::JwksSource;
+use super::fetch::{Fetcher, JwksSource};
 
 /// How often a fetched JWKS is fetched again (Envoy caches remote JWKS for 5 minutes, Istio's
 /// control plane refreshes every 20; 10 minutes picks up rotations well inside an IdP's usual
@@ -326,11 +324,13 @@ impl Drop for JwksSlot {
 /// The key sets of every `jwksUri` in use, fetched and refreshed in the background; shared
 /// across config versions so a new config reuses keys already fetched.
 ///
-/// `connect_to` sends every HTTP fetch to that address instead of the URI's host: in the
-/// mesh, the proxy's own outbound listener, so the fetch is routed, balanced and mTLS'd like
-/// any other request of the workload (the request carries the absolute URI, as to a forward
-/// proxy). Without it the proxy connects to the host directly. Create it within a Tokio
-/// runtime: refresh tasks are spawned on that runtime.
+/// `connect_to` sends every `http://` fetch to that address first instead of the URI's host:
+/// in the mesh, the proxy's own outbound listener, so the fetch is routed, balanced and mTLS'd
+/// like any other request of the workload (the request carries the absolute URI, as to a
+/// forward proxy); a host the mesh does not know is then fetched directly. Without it the
+/// proxy connects to the host directly. `https://` fetches always go directly to the host,
+/// verified against the system's trust store. Create it within a Tokio runtime: refresh tasks
+/// are spawned on that runtime.
 #[derive(Clone)]
 pub struct JwksCache {
     inner: Arc<CacheInner>,
@@ -338,7 +338,7 @@ pub struct JwksCache {
 
 struct CacheInner {
     slots: Mutex<HashMap<String, Weak<JwksSlot>>>,
-    connect_to: Option<SocketAddr>,
+    fetcher: Fetcher,
     refresh: Duration,
     min_refetch: Duration,
     runtime: Option<tokio::runtime::Handle>,
@@ -377,7 +377,7 @@ impl JwksCache {
         JwksCache {
             inner: Arc::new(CacheInner {
                 slots: Mutex::new(HashMap::new()),
-                connect_to,
+                fetcher: Fetcher::new(connect_to),
                 refresh,
                 min_refetch: settings.min_refetch_interval.min(refresh),
                 runtime: tokio::runtime::Handle::try_current().ok(),
@@ -424,7 +424,7 @@ impl JwksCache {
             source,
             Arc::downgrade(&slot),
             wake,
-            self.inner.connect_to,
+            self.inner.fetcher.clone(),
             self.inner.refresh,
             timeout,
         ));
@@ -439,14 +439,14 @@ async fn refresh_forever(
     source: JwksSource,
     slot: Weak<JwksSlot>,
     wake: Arc<Notify>,
-    connect_to: Option<SocketAddr>,
+    fetcher: Fetcher,
     refresh: Duration,
     timeout: Duration,
 ) {
     let retry_max = RETRY_MAX.min(refresh);
     let mut retry = RETRY_INITIAL.min(retry_max);
     loop {
-        let fetched = match tokio::time::timeout(timeout, source.fetch(connect_to)).await {
+        let fetched = match tokio::time::timeout(timeout, fetcher.fetch(&source)).await {
             Ok(Ok(body)) => KeySet::parse(&body),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(format!("timed out after {timeout:?}")),

@@ -741,15 +741,29 @@ fn compile_errors_name_the_field() {
         issuer: ISS.into(),
         ..JwtRule::default()
     };
+    let relative = compile_one(JwtRule {
+        jwks_uri: Some("file://keys/jwks.json".into()),
+        ..base()
+    });
+    assert!(
+        relative.starts_with("RequestAuthentication/default/jwt: spec.jwtRules[0].jwksUri: ")
+            && relative.contains("names no absolute path"),
+        "{relative}"
+    );
+    let ftp = compile_one(JwtRule {
+        jwks_uri: Some("ftp://issuer.example/jwks".into()),
+        ..base()
+    });
+    assert!(
+        ftp.contains("is not an http://, https:// or file:// URI"),
+        "{ftp}"
+    );
+    // https is accepted (it then needs a runtime, like any jwksUri).
     let https = compile_one(JwtRule {
         jwks_uri: Some("https://issuer.example/jwks".into()),
         ..base()
     });
-    assert!(
-        https.starts_with("RequestAuthentication/default/jwt: spec.jwtRules[0].jwksUri: ")
-            && https.contains("https JWKS URIs are not supported yet"),
-        "{https}"
-    );
+    assert!(https.contains("no async runtime"), "{https}");
     assert!(compile_one(base()).contains("neither jwks nor jwksUri"));
     let bad_json = compile_one(JwtRule {
         jwks: Some("{".into()),
