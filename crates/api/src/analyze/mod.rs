@@ -22,8 +22,10 @@
 //! | `path-wildcard` | warning | a path with `*` in the middle (matched literally by Istio) |
 //! | `not-values-empty` | warning | a `when` with `notValues: [""]` |
 //! | `empty-allow` | warning | an ALLOW policy without rules (denies every request) |
+//! | `http-on-tcp-port` | warning | an AuthorizationPolicy rule testing HTTP attributes on a port declared TCP (see [`http_on_tcp`]) |
 
 pub mod authz;
+pub mod http_on_tcp;
 pub mod traffic;
 
 use crate::resources::{Loaded, ObjectMeta, Resource, ResourceError};
@@ -118,6 +120,7 @@ pub fn analyze_with_registry(
     traffic::check(loaded, registered, &mut out);
     conflicts(loaded, &mut out);
     authz::check(loaded, &mut out);
+    http_on_tcp::check(loaded, &mut out);
     out.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
     out
 }
