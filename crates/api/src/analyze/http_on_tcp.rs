@@ -13,16 +13,19 @@
 //! A port counts as TCP when a ServiceEntry of the policy's namespace (any namespace, for a
 //! policy in the root namespace) declares it, as `number` or `targetPort`, with protocol
 //! `TCP` (or, without a protocol, a name `tcp` / `tcp-*`, Istio's name-prefix rule), and no
-//! ServiceEntry there declares the same port with another protocol.
+//! ServiceEntry there declares the same port with another protocol. With a control plane's
+//! registry (`trellis analyze --registered`), a port also counts as TCP when a registered
+//! workload the policy selects has it as a `tcp` inbound port and none it selects has it with
+//! another protocol.
 
-use super::{finding, object, Finding, Level};
+use super::{finding, object, Finding, Level, RegisteredWorkload};
 use crate::resources::authorization_policy::{Action, Rule};
 use crate::resources::service_entry::ServicePort;
-use crate::resources::{Loaded, Resource};
+use crate::resources::{AuthorizationPolicy, Loaded, Resource};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Runs the rule.
-pub fn check(loaded: &[Loaded], out: &mut Vec<Finding>) {
+/// Runs the rule; `registered`: a control plane's workloads, when the caller asked.
+pub fn check(loaded: &[Loaded], registered: Option<&[RegisteredWorkload]>, out: &mut Vec<Finding>) {
     let root = loaded
         .iter()
         .find_map(|l| match &l.resource {
@@ -31,7 +34,12 @@ pub fn check(loaded: &[Loaded], out: &mut Vec<Finding>) {
         })
         .unwrap_or(crate::resources::mesh::DEFAULT_ROOT_NAMESPACE);
     let ports = TcpPorts::of(loaded);
-    if ports.tcp.is_empty() {
+    let registered = registered.unwrap_or_default();
+    if ports.tcp.is_empty()
+        && !registered
+            .iter()
+            .any(|w| w.ports.iter().any(|p| p.1 == "tcp"))
+    {
         return;
     }
     for l in loaded {
@@ -55,8 +63,11 @@ pub fn check(loaded: &[Loaded], out: &mut Vec<Finding>) {
                     let Ok(number) = port.trim().parse::<u32>() else {
                         continue;
                     };
-                    let Some(declared_by) =
-                        ports.declared_tcp(namespace, number, namespace == root)
+                    let everywhere = namespace == root;
+                    let Some(declared_by) = ports
+                        .declared_tcp(namespace, number, everywhere)
+                        .map(str::to_string)
+                        .or_else(|| registered_tcp(registered, p, number, everywhere))
                     else {
                         continue;
                     };
@@ -158,6 +169,44 @@ impl<'a> TcpPorts<'a> {
     }
 }
 
+/// The registered workload `policy` selects that has `port` as a `tcp` inbound port, as
+/// `inbound port of registered workload svc.ns`, unless one it selects has the port with
+/// another protocol.
+fn registered_tcp(
+    registered: &[RegisteredWorkload],
+    policy: &AuthorizationPolicy,
+    port: u32,
+    everywhere: bool,
+) -> Option<String> {
+    let namespace = policy.metadata.namespace();
+    let selected = registered.iter().filter(|w| {
+        (everywhere || w.namespace == namespace)
+            && policy
+                .spec
+                .selector
+                .as_ref()
+                .is_none_or(|s| s.matches(&w.labels))
+    });
+    let mut tcp = None;
+    for w in selected {
+        for (p, protocol) in &w.ports {
+            if u32::from(*p) != port {
+                continue;
+            }
+            if protocol != "tcp" {
+                return None;
+            }
+            tcp.get_or_insert_with(|| {
+                format!(
+                    "inbound port of registered workload {}.{}",
+                    w.service, w.namespace
+                )
+            });
+        }
+    }
+    tcp
+}
+
 /// Whether a ServiceEntry port is plain TCP: protocol `TCP`, or no protocol and a `tcp` /
 /// `tcp-*` name.
 fn is_tcp(p: &ServicePort) -> bool {
@@ -173,6 +222,9 @@ fn is_tcp(p: &ServicePort) -> bool {
 #[cfg(test)]
 mod tests {
     use super::super::tests::{codes, run};
+    use super::super::{analyze_with_registry, RegisteredWorkload, Registry};
+    use crate::resources::parse;
+    use std::path::Path;
 
     const DB: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: { name: db, namespace: edtech }\nspec:\n  hosts: [db.edtech.internal]\n  ports: [{ number: 5432, name: postgres, protocol: TCP }, { number: 8080, name: http-admin, protocol: HTTP }]\n  resolution: STATIC\n  endpoints: [{ address: 10.0.0.5 }]\n";
 
@@ -273,5 +325,47 @@ mod tests {
                 .replace("protocol: TCP", "protocol: HTTP")
         );
         assert!(run(&format!("{both}{rule}")).is_empty());
+    }
+
+    #[test]
+    fn registered_tcp_inbound_ports_count() {
+        let rule = r#"to: [{ operation: { ports: ["9000"], methods: ["GET"] } }]"#;
+        let text = policy("edtech", "ALLOW", rule).replace(
+            "spec:\n",
+            "spec:\n  selector: { matchLabels: { app: ledger } }\n",
+        );
+        let (ok, errors) = parse(Path::new("x.yaml"), &text);
+        let ledger = |labels: &[(&str, &str)], protocol: &str| RegisteredWorkload {
+            service: "ledger".into(),
+            namespace: "edtech".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ports: vec![(9000, protocol.into())],
+        };
+        let with = |workloads: Vec<RegisteredWorkload>| {
+            let registry = Registry {
+                services: Default::default(),
+                workloads,
+            };
+            analyze_with_registry(&ok, &errors, Some(&registry))
+        };
+        assert!(codes(&run(&text)).is_empty(), "offline nothing is known");
+        let f = with(vec![ledger(&[("app", "ledger")], "tcp")]);
+        assert_eq!(codes(&f), ["http-on-tcp-port@2"]);
+        assert!(
+            f[0].message
+                .contains("port 9000 is TCP (inbound port of registered workload ledger.edtech)"),
+            "{}",
+            f[0].message
+        );
+        // Not selected, or also served as HTTP by a selected workload: nothing.
+        assert!(with(vec![ledger(&[("app", "other")], "tcp")]).is_empty());
+        assert!(with(vec![
+            ledger(&[("app", "ledger")], "tcp"),
+            ledger(&[("app", "ledger")], "auto")
+        ])
+        .is_empty());
     }
 }
