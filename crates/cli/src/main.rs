@@ -116,8 +116,9 @@ enum Command {
         /// Output format.
         #[arg(short, long, value_parser = ["text", "json"], default_value = "text")]
         output: String,
-        /// Also check cluster hosts against the services registered on the control plane
-        /// (`--api`), instead of trusting every `svc.ns` name.
+        /// Also ask the control plane (`--api`): check cluster hosts against its registered
+        /// services instead of trusting every `svc.ns` name, and count its proxies' `tcp`
+        /// inbound ports as TCP ports (`http-on-tcp-port`).
         #[arg(long)]
         registered: bool,
     },

@@ -1,8 +1,8 @@
 //! `trellis analyze` on checked-in YAML, through the real binary.
 //!
 //! The binary runs in `tests/analyze/` with relative paths, so the printed file names (and
-//! the golden file `bad.expected`) do not depend on where the repository is. After an
-//! intended change of the output, regenerate the golden file with
+//! the golden files `bad.expected`, `tcp-ports.expected`) do not depend on where the
+//! repository is. After an intended change of the output, regenerate the golden files with
 //! `TRELLIS_BLESS=1 cargo test -p trellis-cli --test analyze`.
 
 mod common;
@@ -85,6 +85,44 @@ fn the_user_data_policies_give_exactly_their_warnings() {
         of("user-data-protection-any-role"),
         ["warning[single-clause-rules", "warning[not-values-empty"]
     );
+}
+
+#[test]
+fn http_rules_on_tcp_ports_match_their_golden_file() {
+    let (code, out, err) = analyze(&["tcp-ports"]);
+    let golden = dir().join("tcp-ports.expected");
+    if std::env::var_os("TRELLIS_BLESS").is_some() {
+        std::fs::write(&golden, &out).expect("writing tcp-ports.expected");
+    }
+    let want = std::fs::read_to_string(&golden).expect("reading tcp-ports.expected");
+    assert_eq!(out, want, "stderr: {err}");
+    assert_eq!(code, Some(0), "warnings only");
+    let of = |name: &str| -> Vec<&str> {
+        out.lines()
+            .filter(|l| l.contains(&format!("AuthorizationPolicy/edtech/{name}: ")))
+            .collect()
+    };
+    let readers = of("grades-db-readers");
+    assert_eq!(readers.len(), 1, "{out}");
+    assert!(
+        readers[0].starts_with("warning[http-on-tcp-port] ")
+            && readers[0].contains("port 5432 is TCP (ServiceEntry/edtech/grades-db)")
+            && readers[0].contains("(to[0].operation.methods)")
+            && readers[0].ends_with("never allows a connection on it"),
+        "{}",
+        readers[0]
+    );
+    let admin = of("grades-db-admin");
+    assert_eq!(admin.len(), 1, "{out}");
+    assert!(
+        admin[0].contains("(to[0].operation.paths, when[0] request.auth.claims[role])")
+            && admin[0].contains(
+                "this DENY rule denies every connection to the port that its other fields match"
+            ),
+        "{}",
+        admin[0]
+    );
+    assert!(of("grades-db-ok").is_empty(), "{out}");
 }
 
 #[test]

@@ -275,6 +275,54 @@ async fn proxies_discover_each_other_and_get_their_config_within_a_second() {
         out.contains("user-profile") && out.contains("frontend"),
         "{out}"
     );
+
+    // With --registered, a registered proxy's `tcp` inbound port is a TCP port too: HTTP
+    // attributes in a rule on it are reported (`http-on-tcp-port`).
+    let ledger_app = HttpOrigin::start().await.unwrap();
+    let ledger = workload(
+        &[&control],
+        &control.token("ledger", "edtech", &[]),
+        "ledger",
+        ledger_app.addr(),
+        &["app=ledger"],
+        None,
+        "    protocol: tcp\n",
+    )
+    .await;
+    eventually(Duration::from_secs(5), "ledger registered", || async {
+        (!proxies_of(&status(&control), "ledger").is_empty()).then_some(())
+    })
+    .await;
+    let authz = dir.path().join("authz");
+    std::fs::create_dir_all(&authz).unwrap();
+    std::fs::write(
+        authz.join("ledger.yaml"),
+        [
+            "apiVersion: security.istio.io/v1",
+            "kind: AuthorizationPolicy",
+            "metadata: { name: ledger-readers, namespace: edtech }",
+            "spec:",
+            "  selector: { matchLabels: { app: ledger } }",
+            "  rules:",
+            &format!(
+                "  - to: [{{ operation: {{ ports: [\"{}\"], methods: [GET] }} }}]",
+                ledger.inbound.port()
+            ),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let authz = authz.to_str().unwrap();
+    let (code, out, _) = control.cli(&["analyze", authz]);
+    assert_eq!((code, out.as_str()), (Some(0), "0 errors, 0 warnings\n"));
+    let (code, out, _) = control.cli(&["analyze", "--registered", authz]);
+    assert_eq!(code, Some(0), "warnings only: {out}");
+    assert!(
+        out.contains("warning[http-on-tcp-port]")
+            && out.contains("(inbound port of registered workload ledger.edtech)")
+            && out.contains("never allows a connection on it"),
+        "{out}"
+    );
 }
 
 #[tokio::test]

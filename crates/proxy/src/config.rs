@@ -127,6 +127,9 @@ pub struct Bootstrap {
     /// Namespace whose selector-less policies apply mesh-wide (Istio's root namespace).
     #[serde(default = "default_root_namespace")]
     pub root_namespace: String,
+    /// How often remote JWKS (RequestAuthentication `jwksUri`) are refetched.
+    #[serde(default)]
+    pub jwks: Jwks,
     /// The resources read from `resources`.
     #[serde(skip)]
     pub loaded: Vec<trellis_api::resources::Loaded>,
@@ -243,6 +246,45 @@ impl Default for Timeouts {
             header_read: default_header_read(),
         }
     }
+}
+
+/// How the proxy refetches remote JSON Web Key Sets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Jwks {
+    /// Time between two scheduled fetches of a key set (rotations are picked up within it).
+    #[serde(default = "default_jwks_refresh")]
+    pub refresh_interval: Duration,
+    /// Least time between two early fetches asked for by tokens naming an unknown key id
+    /// (bounds how often unknown-`kid` tokens can make the proxy hit the key server).
+    #[serde(default = "default_jwks_min_refetch")]
+    pub min_refetch_interval: Duration,
+}
+
+impl Default for Jwks {
+    fn default() -> Self {
+        Self {
+            refresh_interval: default_jwks_refresh(),
+            min_refetch_interval: default_jwks_min_refetch(),
+        }
+    }
+}
+
+impl Jwks {
+    /// The settings for the proxy's [`crate::policy::jwt::JwksCache`].
+    pub fn settings(&self) -> crate::policy::jwt::JwksSettings {
+        crate::policy::jwt::JwksSettings {
+            refresh_interval: self.refresh_interval.0,
+            min_refetch_interval: self.min_refetch_interval.0,
+        }
+    }
+}
+
+fn default_jwks_refresh() -> Duration {
+    Duration(crate::policy::jwt::JWKS_REFRESH_INTERVAL)
+}
+fn default_jwks_min_refetch() -> Duration {
+    Duration(crate::policy::jwt::JWKS_MIN_REFETCH_INTERVAL)
 }
 
 fn default_namespace() -> String {
@@ -450,6 +492,28 @@ impl Bootstrap {
                 ));
             }
         }
+        for (name, value) in [
+            ("refresh_interval", self.jwks.refresh_interval),
+            ("min_refetch_interval", self.jwks.min_refetch_interval),
+        ] {
+            if value.0 < std::time::Duration::from_secs(1) {
+                return Err((
+                    format!("jwks.{name}"),
+                    format!("{name}:"),
+                    format!("{value} is too short: must be at least 1s"),
+                ));
+            }
+        }
+        if self.jwks.min_refetch_interval > self.jwks.refresh_interval {
+            return Err((
+                "jwks.min_refetch_interval".into(),
+                "min_refetch_interval:".into(),
+                format!(
+                    "{} must not exceed jwks.refresh_interval ({})",
+                    self.jwks.min_refetch_interval, self.jwks.refresh_interval
+                ),
+            ));
+        }
         if self.max_header_bytes < 8192 {
             return Err((
                 "max_header_bytes".into(),
@@ -533,6 +597,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.starts_with("proxy.yaml:3: timeouts.connect:"), "{msg}");
+    }
+
+    #[test]
+    fn jwks_intervals_default_and_are_checked() {
+        let b = parse("service: a\n").unwrap();
+        assert_eq!(b.jwks.refresh_interval, Duration::from_secs(600));
+        assert_eq!(b.jwks.min_refetch_interval, Duration::from_secs(30));
+        assert_eq!(
+            b.jwks.settings(),
+            crate::policy::jwt::JwksSettings::default()
+        );
+
+        let b = parse("service: a\njwks: { refresh_interval: 1s, min_refetch_interval: 1s }\n")
+            .unwrap();
+        assert_eq!(b.jwks.refresh_interval, Duration::from_secs(1));
+        let b = parse("service: a\njwks:\n  refresh_interval: 1h\n").unwrap();
+        assert_eq!(b.jwks.min_refetch_interval, Duration::from_secs(30));
+
+        let msg = parse("service: a\njwks:\n  refresh_interval: 500ms\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("proxy.yaml:3: jwks.refresh_interval: 500ms is too short"),
+            "{msg}"
+        );
+        let msg = parse("service: a\njwks:\n  min_refetch_interval: 0s\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("proxy.yaml:3: jwks.min_refetch_interval: 0s is too short"),
+            "{msg}"
+        );
+        let text = "service: a\njwks:\n  refresh_interval: 10s\n  min_refetch_interval: 1m\n";
+        let msg = parse(text).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("proxy.yaml:4: jwks.min_refetch_interval: 60s must not exceed"),
+            "{msg}"
+        );
+        let msg = parse("service: a\njwks:\n  refresh: 1m\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("proxy.yaml:3: jwks"), "{msg}");
+        assert!(msg.contains("unknown field"), "{msg}");
+        let msg = parse("service: a\njwks:\n  refresh_interval: often\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("proxy.yaml:3: jwks.refresh_interval:"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -142,7 +142,7 @@ pub async fn run(boot: Bootstrap, opts: RunOptions) -> Result<(), ProxyError> {
         services: Default::default(),
         workload: (boot.namespace.clone(), boot.labels.clone()),
         // Key sets are fetched through this proxy's own outbound listener (the mesh).
-        jwks: policy::jwt::JwksCache::new(boot.outbound.listen),
+        jwks: policy::jwt::JwksCache::with_settings(boot.outbound.listen, boot.jwks.settings()),
         inbound: Default::default(),
     });
     let ctx = Arc::new(Context {

@@ -69,7 +69,18 @@ pub struct Trellis {
 impl Trellis {
     /// Starts `trellis proxy --config <yaml> <extra>` and waits for `/ready` on `admin`.
     pub async fn start(bin: &str, yaml: &str, admin: SocketAddr, extra: &[&str]) -> Self {
-        let mut t = Self::spawn(bin, yaml, admin, extra);
+        Self::start_with_env(bin, yaml, admin, extra, &[]).await
+    }
+
+    /// Like [`Trellis::start`], with `env` set for the process (e.g. `SSL_CERT_FILE`).
+    pub async fn start_with_env(
+        bin: &str,
+        yaml: &str,
+        admin: SocketAddr,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut t = Self::spawn_with_env(bin, yaml, admin, extra, env);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok((status, _, _)) = client::http1_get(admin, "/ready", &[]).await {
@@ -91,6 +102,17 @@ impl Trellis {
 
     /// Starts the process without waiting for readiness (for tests of bad config).
     pub fn spawn(bin: &str, yaml: &str, admin: SocketAddr, extra: &[&str]) -> Self {
+        Self::spawn_with_env(bin, yaml, admin, extra, &[])
+    }
+
+    /// Like [`Trellis::spawn`], with `env` set for the process.
+    pub fn spawn_with_env(
+        bin: &str,
+        yaml: &str,
+        admin: SocketAddr,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = TempDir::new("proxy");
         let config = dir.path().join("proxy.yaml");
         std::fs::write(&config, yaml).expect("writing the bootstrap file");
@@ -105,6 +127,7 @@ impl Trellis {
                 "TRELLIS_LOG",
                 std::env::var("TRELLIS_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

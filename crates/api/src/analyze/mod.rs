@@ -22,8 +22,10 @@
 //! | `path-wildcard` | warning | a path with `*` in the middle (matched literally by Istio) |
 //! | `not-values-empty` | warning | a `when` with `notValues: [""]` |
 //! | `empty-allow` | warning | an ALLOW policy without rules (denies every request) |
+//! | `http-on-tcp-port` | warning | an AuthorizationPolicy rule testing HTTP attributes on a port declared TCP (see [`http_on_tcp`]) |
 
 pub mod authz;
+pub mod http_on_tcp;
 pub mod traffic;
 
 use crate::resources::{Loaded, ObjectMeta, Resource, ResourceError};
@@ -106,18 +108,42 @@ pub fn analyze(loaded: &[Loaded], errors: &[ResourceError]) -> Vec<Finding> {
     analyze_with_registry(loaded, errors, None)
 }
 
-/// [`analyze`], checking cluster hosts (`svc.ns.svc.cluster.local`) against `registered`, the
-/// services a control plane knows (fully qualified), instead of trusting them.
+/// What a control plane knows that the files do not (`trellis analyze --registered`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Registry {
+    /// The registered services, fully qualified (`svc.ns.svc.cluster.local`).
+    pub services: std::collections::BTreeSet<String>,
+    /// The registered workloads (proxies).
+    pub workloads: Vec<RegisteredWorkload>,
+}
+
+/// One registered proxy, as far as analysis cares.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegisteredWorkload {
+    /// Its service.
+    pub service: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its labels (what policy selectors match).
+    pub labels: BTreeMap<String, String>,
+    /// Its inbound ports and their protocols (`auto`, `http1`, `http2`, `grpc`, `tcp`).
+    pub ports: Vec<(u16, String)>,
+}
+
+/// [`analyze`] with what a control plane knows: cluster hosts (`svc.ns.svc.cluster.local`)
+/// are checked against its registered services instead of being trusted, and its workloads'
+/// `tcp` inbound ports count as TCP ports.
 pub fn analyze_with_registry(
     loaded: &[Loaded],
     errors: &[ResourceError],
-    registered: Option<&std::collections::BTreeSet<String>>,
+    registry: Option<&Registry>,
 ) -> Vec<Finding> {
     let mut out: Vec<Finding> = errors.iter().map(schema).collect();
     duplicates(loaded, &mut out);
-    traffic::check(loaded, registered, &mut out);
+    traffic::check(loaded, registry.map(|r| &r.services), &mut out);
     conflicts(loaded, &mut out);
     authz::check(loaded, &mut out);
+    http_on_tcp::check(loaded, registry.map(|r| r.workloads.as_slice()), &mut out);
     out.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
     out
 }

@@ -55,7 +55,8 @@ pub struct JwtRule {
     /// Accepted `aud` values (empty: any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub audiences: Vec<String>,
-    /// Where to fetch the JWKS (https); default: the issuer's OpenID discovery.
+    /// Where to fetch the JWKS: `https://`, `http://` or `file:///absolute/path`; Istio's
+    /// default (the issuer's OpenID discovery) is not supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_uri: Option<String>,
     /// The JWKS inline, as a JSON string.
@@ -118,13 +119,15 @@ impl RequestAuthentication {
                 ));
             }
             if let Some(uri) = &r.jwks_uri {
-                let ok = ["https://", "http://"]
+                let remote = ["https://", "http://"]
                     .iter()
                     .any(|s| uri.strip_prefix(s).is_some_and(|h| !h.is_empty()));
-                if !ok {
+                // A key set on the workload's disk: only an absolute path means one file.
+                let file = uri.strip_prefix("file:///").is_some_and(|p| !p.is_empty());
+                if !remote && !file {
                     return Err((
                         format!("{path}.jwksUri"),
-                        format!("{uri:?} is not an http(s) URL"),
+                        format!("{uri:?} is not an http(s) URL or a file:///absolute/path"),
                     ));
                 }
             }
@@ -194,6 +197,31 @@ spec:
             let (_, errors) = parse(Path::new("x.yaml"), &JWT.replace(from, to));
             let msg = errors.first().map(|e| e.to_string()).unwrap_or_default();
             assert!(msg.starts_with(want), "{msg}\nwant: {want}");
+        }
+    }
+
+    #[test]
+    fn jwks_uri_schemes() {
+        let uri = "https://accounts.example.com/.well-known/jwks.json";
+        for ok in [
+            "http://keys.auth.svc:8080/jwks",
+            "file:///etc/trellis/jwks.json",
+        ] {
+            let (_, errors) = parse(Path::new("x.yaml"), &JWT.replace(uri, ok));
+            assert!(errors.is_empty(), "{ok}: {errors:?}");
+        }
+        for bad in [
+            "file://relative/jwks.json",
+            "file:///",
+            "https://",
+            "jwks.json",
+        ] {
+            let (_, errors) = parse(Path::new("x.yaml"), &JWT.replace(uri, bad));
+            let msg = errors.first().map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                msg.contains("spec.jwtRules[0].jwksUri") && msg.contains("file:///absolute/path"),
+                "{bad}: {msg}"
+            );
         }
     }
 }

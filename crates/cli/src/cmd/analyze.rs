@@ -4,10 +4,9 @@
 //! does not exist or (with `--registered`) the control plane cannot be asked.
 
 use serde_json::json;
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use trellis_api::analyze::{analyze_with_registry, counts, summary};
+use trellis_api::analyze::{analyze_with_registry, counts, summary, RegisteredWorkload, Registry};
 use trellis_api::resources::load;
 
 /// Runs the command.
@@ -22,14 +21,14 @@ pub fn run(paths: &[PathBuf], json_out: bool, registry_api: Option<&str>) -> Exi
         loaded.extend(ok);
         errors.extend(err);
     }
-    let registered = match registry_api.map(registered_services).transpose() {
+    let registry = match registry_api.map(registry).transpose() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: asking the control plane for registered services: {e:#}");
             return ExitCode::from(2);
         }
     };
-    let findings = analyze_with_registry(&loaded, &errors, registered.as_ref());
+    let findings = analyze_with_registry(&loaded, &errors, registry.as_ref());
     let (n_errors, n_warnings) = counts(&findings);
     if json_out {
         let v = json!({ "findings": findings, "errors": n_errors, "warnings": n_warnings });
@@ -50,21 +49,50 @@ pub fn run(paths: &[PathBuf], json_out: bool, registry_api: Option<&str>) -> Exi
     }
 }
 
-/// The services registered on the control plane at `api`, fully qualified.
-fn registered_services(api: &str) -> anyhow::Result<BTreeSet<String>> {
+/// What the control plane at `api` has registered: its services (fully qualified) and its
+/// workloads' labels and inbound ports.
+fn registry(api: &str) -> anyhow::Result<Registry> {
     let status =
         crate::api_client::block_on(crate::api_client::call(api, "GET", "/api/v1/status", None))??;
-    Ok(status["proxies"]
+    let workloads: Vec<RegisteredWorkload> = status["proxies"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|p| {
-            Some(format!(
-                "{}.{}.svc.{}",
-                p["service"].as_str()?,
-                p["namespace"].as_str()?,
-                trellis_api::names::DEFAULT_CLUSTER_DOMAIN
-            ))
+            Some(RegisteredWorkload {
+                service: p["service"].as_str()?.to_string(),
+                namespace: p["namespace"].as_str()?.to_string(),
+                labels: p["labels"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect(),
+                ports: p["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|port| {
+                        let number = u16::try_from(port["port"].as_u64()?).ok()?;
+                        Some((number, port["protocol"].as_str()?.to_string()))
+                    })
+                    .collect(),
+            })
         })
-        .collect())
+        .collect();
+    let services = workloads
+        .iter()
+        .map(|w| {
+            format!(
+                "{}.{}.svc.{}",
+                w.service,
+                w.namespace,
+                trellis_api::names::DEFAULT_CLUSTER_DOMAIN
+            )
+        })
+        .collect();
+    Ok(Registry {
+        services,
+        workloads,
+    })
 }

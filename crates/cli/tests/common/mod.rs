@@ -131,10 +131,23 @@ pub async fn joined(
     app: SocketAddr,
     labels: &[&str],
 ) -> (Trellis, SocketAddr) {
+    joined_with(control, service, namespace, app, labels, "").await
+}
+
+/// Like [`joined`], with `extra_yaml` (whole top-level bootstrap sections) appended to the
+/// bootstrap file.
+pub async fn joined_with(
+    control: &trellis_testkit::proxy::Control,
+    service: &str,
+    namespace: &str,
+    app: SocketAddr,
+    labels: &[&str],
+    extra_yaml: &str,
+) -> (Trellis, SocketAddr) {
     let (admin, inbound, outbound) = (free_addr(), free_addr(), free_addr());
     let yaml = format!(
         "service: {service}\nnamespace: {namespace}\nadmin: {admin}\noutbound: {{ listen: {outbound} }}\n\
-         inbound:\n  - listen: {inbound}\n    app: {app}\n"
+         inbound:\n  - listen: {inbound}\n    app: {app}\n{extra_yaml}"
     );
     let token = control.token(service, namespace, &[]);
     let grpc = control.grpc.to_string();

@@ -31,12 +31,16 @@
 //!   name is first removed from the request, and [`JwtAuthn::strip_output_headers`] does the
 //!   same for requests without a token, so a client cannot forge what the app trusts.
 
+mod fetch;
 mod jwks;
 mod location;
 #[cfg(test)]
 mod tests;
 
-pub use jwks::{JwksCache, JwksStatus, JWKS_FETCH_TIMEOUT, JWKS_REFRESH_INTERVAL};
+pub use jwks::{
+    JwksCache, JwksSettings, JwksStatus, JWKS_FETCH_TIMEOUT, JWKS_MIN_REFETCH_INTERVAL,
+    JWKS_REFRESH_INTERVAL,
+};
 
 use super::authz::JwtAttrs;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

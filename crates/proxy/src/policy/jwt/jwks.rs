@@ -7,21 +7,17 @@
 //! a public key. A key's `alg`, when given, narrows it to that one algorithm; RSA moduli
 //! must have 2048 to 4096 bits.
 //!
-//! Remote sets are fetched once when first needed, then every [`JWKS_REFRESH_INTERVAL`]; a
-//! failed fetch is retried with exponential backoff (1 s doubling to 60 s, capped at the
-//! refresh interval) and the last good keys stay in use meanwhile. A token whose `kid` is not
-//! in the set asks for an early refetch (at most every 30 s), so a rotated-in key is picked up
-//! without waiting for the refresh. `http://` URIs are fetched with a plain HTTP/1.1 GET,
-//! `file://` paths are read from disk; `https://` is refused at compile time for now (the proxy
-//! has no web PKI roots): serve the JWKS over `http://`, through the mesh's outbound listener
-//! (see [`JwksCache`]'s `connect_to`) so in-mesh key servers are reached over mTLS.
+//! Remote sets are fetched once when first needed, then every refresh interval
+//! ([`JwksSettings`], by default [`JWKS_REFRESH_INTERVAL`]); a failed fetch is retried with
+//! exponential backoff (1 s doubling to 60 s, capped at the refresh interval) and the last good
+//! keys stay in use meanwhile. A token whose `kid` is not in the set asks for an early refetch
+//! (at most every minimum refetch interval, by default [`JWKS_MIN_REFETCH_INTERVAL`]), so a
+//! rotated-in key is picked up without waiting for the refresh. How a document is fetched
+//! (`http://`, `https://`, `file://`) is in [`super::fetch`].
 
 use arc_swap::ArcSwapOption;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -29,6 +25,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
+
+use super::fetch::{Fetcher, JwksSource};
 
 /// How often a fetched JWKS is fetched again (Envoy caches remote JWKS for 5 minutes, Istio's
 /// control plane refreshes every 20; 10 minutes picks up rotations well inside an IdP's usual
@@ -42,10 +40,9 @@ pub const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_INITIAL: Duration = Duration::from_secs(1);
 /// Longest delay between retries of a failing fetch.
 const RETRY_MAX: Duration = Duration::from_secs(60);
-/// Least time between two fetches of one URI asked for by tokens with an unknown `kid`.
-const EARLY_REFETCH_GAP: Duration = Duration::from_secs(30);
-/// Largest JWKS document accepted.
-const MAX_JWKS_BYTES: usize = 1 << 20;
+/// Least time between two fetches of one URI asked for by tokens with an unknown `kid`, unless
+/// the bootstrap's `jwks.min_refetch_interval` says otherwise.
+pub const JWKS_MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The algorithms a key type can verify.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -256,110 +253,6 @@ pub(super) fn asymmetric_algorithm(name: &str) -> Option<Algorithm> {
     })
 }
 
-/// Where a remote key set comes from.
-#[derive(Clone, Debug)]
-enum JwksSource {
-    Http(http::Uri),
-    File(String),
-}
-
-impl JwksSource {
-    fn parse(uri: &str) -> Result<JwksSource, String> {
-        if let Some(path) = uri.strip_prefix("file://") {
-            if path.is_empty() {
-                return Err(format!("{uri:?} names no file"));
-            }
-            return Ok(JwksSource::File(path.to_string()));
-        }
-        if uri.starts_with("https://") {
-            return Err(format!(
-                "{uri:?}: https JWKS URIs are not supported yet (the proxy holds no web PKI \
-                 roots); serve the JWKS over http:// through the mesh, from a file:// path, or \
-                 inline in `jwks`"
-            ));
-        }
-        if !uri.starts_with("http://") {
-            return Err(format!("{uri:?} is not an http:// or file:// URI"));
-        }
-        let parsed: http::Uri = uri.parse().map_err(|e| format!("{uri:?}: {e}"))?;
-        if parsed.host().is_none_or(str::is_empty) {
-            return Err(format!("{uri:?} names no host"));
-        }
-        Ok(JwksSource::Http(parsed))
-    }
-
-    async fn fetch(&self, connect_to: Option<SocketAddr>) -> Result<String, String> {
-        match self {
-            JwksSource::File(path) => {
-                let path = path.clone();
-                let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-                if bytes.len() > MAX_JWKS_BYTES {
-                    return Err(format!("larger than {MAX_JWKS_BYTES} bytes"));
-                }
-                String::from_utf8(bytes).map_err(|_| "not UTF-8".into())
-            }
-            JwksSource::Http(uri) => fetch_http(uri, connect_to).await,
-        }
-    }
-}
-
-/// GETs `uri` over a fresh HTTP/1.1 connection, to `connect_to` when given (the request is
-/// then sent in absolute form, as to a forward proxy) or to the URI's host.
-async fn fetch_http(uri: &http::Uri, connect_to: Option<SocketAddr>) -> Result<String, String> {
-    let authority = uri.authority().ok_or("no host")?;
-    let stream = match connect_to {
-        Some(addr) => tokio::net::TcpStream::connect(addr).await,
-        None => {
-            let host = authority
-                .host()
-                .trim_start_matches('[')
-                .trim_end_matches(']');
-            tokio::net::TcpStream::connect((host, authority.port_u16().unwrap_or(80))).await
-        }
-    }
-    .map_err(|e| format!("connect: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let conn = tokio::spawn(conn);
-    let target = match connect_to {
-        Some(_) => uri.clone(),
-        None => uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .parse()
-            .map_err(|e| format!("{e}"))?,
-    };
-    let request = http::Request::get(target)
-        .header(http::header::HOST, authority.as_str())
-        .header(http::header::ACCEPT, "application/json")
-        .header(http::header::USER_AGENT, "trellis-proxy")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let result = async {
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("request: {e}"))?;
-        if response.status() != http::StatusCode::OK {
-            return Err(format!("status {}", response.status()));
-        }
-        let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("body: {e}"))?
-            .to_bytes();
-        String::from_utf8(body.to_vec()).map_err(|_| "body is not UTF-8".to_string())
-    }
-    .await;
-    drop(sender);
-    conn.abort();
-    result
-}
-
 /// What a [`JwksCache`] knows about one URI, for status pages and tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct JwksStatus {
@@ -390,7 +283,7 @@ impl JwksSlot {
     }
 
     /// Asks for an early refetch (a token named a `kid` the set lacks), at most once per
-    /// [`EARLY_REFETCH_GAP`].
+    /// minimum refetch interval ([`JwksSettings::min_refetch_interval`]).
     pub(super) fn request_refresh(&self) {
         let Ok(mut last) = self.last_attempt.lock() else {
             return;
@@ -431,11 +324,13 @@ impl Drop for JwksSlot {
 /// The key sets of every `jwksUri` in use, fetched and refreshed in the background; shared
 /// across config versions so a new config reuses keys already fetched.
 ///
-/// `connect_to` sends every HTTP fetch to that address instead of the URI's host: in the
-/// mesh, the proxy's own outbound listener, so the fetch is routed, balanced and mTLS'd like
-/// any other request of the workload (the request carries the absolute URI, as to a forward
-/// proxy). Without it the proxy connects to the host directly. Create it within a Tokio
-/// runtime: refresh tasks are spawned on that runtime.
+/// `connect_to` sends every `http://` fetch to that address first instead of the URI's host:
+/// in the mesh, the proxy's own outbound listener, so the fetch is routed, balanced and mTLS'd
+/// like any other request of the workload (the request carries the absolute URI, as to a
+/// forward proxy); a host the mesh does not know is then fetched directly. Without it the
+/// proxy connects to the host directly. `https://` fetches always go directly to the host,
+/// verified against the system's trust store. Create it within a Tokio runtime: refresh tasks
+/// are spawned on that runtime.
 #[derive(Clone)]
 pub struct JwksCache {
     inner: Arc<CacheInner>,
@@ -443,24 +338,48 @@ pub struct JwksCache {
 
 struct CacheInner {
     slots: Mutex<HashMap<String, Weak<JwksSlot>>>,
-    connect_to: Option<SocketAddr>,
+    fetcher: Fetcher,
     refresh: Duration,
+    min_refetch: Duration,
     runtime: Option<tokio::runtime::Handle>,
 }
 
+/// How often a [`JwksCache`] refetches key sets (the bootstrap's `jwks` section).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JwksSettings {
+    /// Time between two scheduled fetches of a key set; retries of a failing fetch back off
+    /// up to the same bound.
+    pub refresh_interval: Duration,
+    /// Least time between two early fetches asked for by tokens naming an unknown `kid`.
+    pub min_refetch_interval: Duration,
+}
+
+impl Default for JwksSettings {
+    fn default() -> Self {
+        JwksSettings {
+            refresh_interval: JWKS_REFRESH_INTERVAL,
+            min_refetch_interval: JWKS_MIN_REFETCH_INTERVAL,
+        }
+    }
+}
+
 impl JwksCache {
-    /// A cache refreshing every [`JWKS_REFRESH_INTERVAL`].
+    /// A cache with the default [`JwksSettings`].
     pub fn new(connect_to: Option<SocketAddr>) -> Self {
-        Self::with_refresh_interval(connect_to, JWKS_REFRESH_INTERVAL)
+        Self::with_settings(connect_to, JwksSettings::default())
     }
 
-    /// A cache refreshing every `refresh` (retries back off up to the same bound).
-    pub fn with_refresh_interval(connect_to: Option<SocketAddr>, refresh: Duration) -> Self {
+    /// A cache refetching as `settings` say. The bootstrap validates the intervals (at least
+    /// 1 s); here they are only floored at 10 ms, and the early-refetch gap is capped at the
+    /// refresh interval.
+    pub fn with_settings(connect_to: Option<SocketAddr>, settings: JwksSettings) -> Self {
+        let refresh = settings.refresh_interval.max(Duration::from_millis(10));
         JwksCache {
             inner: Arc::new(CacheInner {
                 slots: Mutex::new(HashMap::new()),
-                connect_to,
-                refresh: refresh.max(Duration::from_millis(10)),
+                fetcher: Fetcher::new(connect_to),
+                refresh,
+                min_refetch: settings.min_refetch_interval.min(refresh),
                 runtime: tokio::runtime::Handle::try_current().ok(),
             }),
         }
@@ -495,7 +414,7 @@ impl JwksCache {
             keys: ArcSwapOption::empty(),
             status: Mutex::new(JwksStatus::default()),
             last_attempt: Mutex::new(None),
-            early_gap: EARLY_REFETCH_GAP.min(self.inner.refresh),
+            early_gap: self.inner.min_refetch,
             wake: wake.clone(),
         });
         slots.retain(|_, w| w.strong_count() > 0);
@@ -505,7 +424,7 @@ impl JwksCache {
             source,
             Arc::downgrade(&slot),
             wake,
-            self.inner.connect_to,
+            self.inner.fetcher.clone(),
             self.inner.refresh,
             timeout,
         ));
@@ -520,14 +439,14 @@ async fn refresh_forever(
     source: JwksSource,
     slot: Weak<JwksSlot>,
     wake: Arc<Notify>,
-    connect_to: Option<SocketAddr>,
+    fetcher: Fetcher,
     refresh: Duration,
     timeout: Duration,
 ) {
     let retry_max = RETRY_MAX.min(refresh);
     let mut retry = RETRY_INITIAL.min(retry_max);
     loop {
-        let fetched = match tokio::time::timeout(timeout, source.fetch(connect_to)).await {
+        let fetched = match tokio::time::timeout(timeout, fetcher.fetch(&source)).await {
             Ok(Ok(body)) => KeySet::parse(&body),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(format!("timed out after {timeout:?}")),

@@ -741,15 +741,29 @@ fn compile_errors_name_the_field() {
         issuer: ISS.into(),
         ..JwtRule::default()
     };
+    let relative = compile_one(JwtRule {
+        jwks_uri: Some("file://keys/jwks.json".into()),
+        ..base()
+    });
+    assert!(
+        relative.starts_with("RequestAuthentication/default/jwt: spec.jwtRules[0].jwksUri: ")
+            && relative.contains("names no absolute path"),
+        "{relative}"
+    );
+    let ftp = compile_one(JwtRule {
+        jwks_uri: Some("ftp://issuer.example/jwks".into()),
+        ..base()
+    });
+    assert!(
+        ftp.contains("is not an http://, https:// or file:// URI"),
+        "{ftp}"
+    );
+    // https is accepted (it then needs a runtime, like any jwksUri).
     let https = compile_one(JwtRule {
         jwks_uri: Some("https://issuer.example/jwks".into()),
         ..base()
     });
-    assert!(
-        https.starts_with("RequestAuthentication/default/jwt: spec.jwtRules[0].jwksUri: ")
-            && https.contains("https JWKS URIs are not supported yet"),
-        "{https}"
-    );
+    assert!(https.contains("no async runtime"), "{https}");
     assert!(compile_one(base()).contains("neither jwks nor jwksUri"));
     let bad_json = compile_one(JwtRule {
         jwks: Some("{".into()),
@@ -803,10 +817,13 @@ fn jwks_keys_of_unsupported_kinds_are_skipped() {
 
 // ---- JWKS over the network ------------------------------------------------------------------
 
-/// A loopback HTTP server answering every request with the current JWKS.
+/// A loopback HTTP server answering every request with the current JWKS, or, while
+/// `mesh_error` is set, like a proxy's outbound listener that cannot route: 503 with that
+/// `x-trellis-error`.
 struct JwksServer {
     addr: std::net::SocketAddr,
     body: Arc<Mutex<String>>,
+    mesh_error: Arc<Mutex<Option<&'static str>>>,
     requests: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -816,12 +833,13 @@ impl JwksServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let body = Arc::new(Mutex::new(body));
+        let mesh_error = Arc::new(Mutex::new(None));
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let (b, r) = (body.clone(), requests.clone());
+        let (b, r, m) = (body.clone(), requests.clone(), mesh_error.clone());
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
-                let (body, requests) = (b.clone(), r.clone());
+                let (body, requests, mesh_error) = (b.clone(), r.clone(), m.clone());
                 let service =
                     hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let host = req
@@ -834,11 +852,14 @@ impl JwksServer {
                             .unwrap()
                             .push(format!("{host} {}", req.uri()));
                         let text = body.lock().unwrap().clone();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                                bytes::Bytes::from(text),
-                            )))
+                        let mut response = http::Response::new(Full::new(bytes::Bytes::from(text)));
+                        if let Some(error) = *mesh_error.lock().unwrap() {
+                            *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                            response
+                                .headers_mut()
+                                .insert("x-trellis-error", HeaderValue::from_static(error));
                         }
+                        async move { Ok::<_, std::convert::Infallible>(response) }
                     });
                 connections.spawn(async move {
                     let io = hyper_util::rt::TokioIo::new(stream);
@@ -851,6 +872,7 @@ impl JwksServer {
         JwksServer {
             addr,
             body,
+            mesh_error,
             requests,
             task,
         }
@@ -907,7 +929,13 @@ async fn fetched_keys_outlive_the_jwks_server() {
     let key = ec(Algorithm::ES256, "k1");
     let server = JwksServer::start(jwks(&[&key])).await;
     let uri = server.uri();
-    let cache = JwksCache::with_refresh_interval(None, Duration::from_millis(100));
+    let cache = JwksCache::with_settings(
+        None,
+        JwksSettings {
+            refresh_interval: Duration::from_millis(100),
+            min_refetch_interval: Duration::from_millis(100),
+        },
+    );
     let authn = compile_with(&cache, vec![remote_rule(&uri)]);
     let request = bearer(&key.sign(&claims()));
     eventually("the JWKS fetch", || {
@@ -934,7 +962,13 @@ async fn refresh_picks_up_a_rotated_key() {
     let old = ec(Algorithm::ES256, "old");
     let new = ed("new");
     let server = JwksServer::start(jwks(&[&old])).await;
-    let cache = JwksCache::with_refresh_interval(None, Duration::from_millis(100));
+    let cache = JwksCache::with_settings(
+        None,
+        JwksSettings {
+            refresh_interval: Duration::from_millis(100),
+            min_refetch_interval: Duration::from_millis(100),
+        },
+    );
     let authn = compile_with(&cache, vec![remote_rule(&server.uri())]);
     let old_token = bearer(&old.sign(&claims()));
     let new_token = bearer(&new.sign(&claims()));
@@ -963,7 +997,13 @@ async fn keys_not_yet_fetched_are_unavailable() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let uri = format!("http://{}/jwks", closed.local_addr().unwrap());
     drop(closed);
-    let cache = JwksCache::with_refresh_interval(None, Duration::from_millis(50));
+    let cache = JwksCache::with_settings(
+        None,
+        JwksSettings {
+            refresh_interval: Duration::from_millis(50),
+            min_refetch_interval: Duration::from_millis(50),
+        },
+    );
     let authn = compile_with(&cache, vec![remote_rule(&uri)]);
     let request = bearer(&ed("k").sign(&claims()));
     assert_eq!(
@@ -1008,6 +1048,62 @@ async fn fetch_goes_to_connect_to_in_absolute_form() {
     // Configs share the cache's fetched keys.
     let again = compile_with(&cache, vec![remote_rule(uri)]);
     valid(again.authenticate(&request, None));
+    server.stop().await;
+}
+
+/// An outbound listener standing in for the mesh, answering every request with `error`.
+async fn mesh_answering(error: &'static str) -> JwksServer {
+    let outbound = JwksServer::start(String::new()).await;
+    *outbound.mesh_error.lock().unwrap() = Some(error);
+    outbound
+}
+
+#[tokio::test]
+async fn hosts_unknown_to_the_mesh_are_fetched_directly() {
+    let key = ec(Algorithm::ES256, "k");
+    let server = JwksServer::start(jwks(&[&key])).await;
+    let outbound = mesh_answering("unknown-service").await;
+    let cache = JwksCache::new(Some(outbound.addr));
+    let authn = compile_with(&cache, vec![remote_rule(&server.uri())]);
+    let request = bearer(&key.sign(&claims()));
+    eventually("the direct fetch", || {
+        is_valid(authn.authenticate(&request, None))
+    })
+    .await;
+    // The mesh was asked first, then the host itself (origin form).
+    assert_eq!(
+        outbound.requests.lock().unwrap()[0],
+        format!("{} {}", server.addr, server.uri())
+    );
+    assert_eq!(
+        server.requests.lock().unwrap()[0],
+        format!("{} /.well-known/jwks.json", server.addr)
+    );
+    outbound.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn other_mesh_errors_are_not_bypassed() {
+    let key = ec(Algorithm::ES256, "k");
+    let server = JwksServer::start(jwks(&[&key])).await;
+    let outbound = mesh_answering("no-endpoints").await;
+    let cache = JwksCache::new(Some(outbound.addr));
+    let uri = server.uri();
+    let authn = compile_with(&cache, vec![remote_rule(&uri)]);
+    eventually("a failed fetch", || {
+        cache.status(&uri).unwrap().consecutive_failures >= 1
+    })
+    .await;
+    let status = cache.status(&uri).unwrap();
+    assert_eq!(status.keys, None);
+    assert_eq!(
+        status.last_error.as_deref(),
+        Some("status 503 Service Unavailable")
+    );
+    assert!(server.requests.lock().unwrap().is_empty());
+    drop(authn);
+    outbound.stop().await;
     server.stop().await;
 }
 
