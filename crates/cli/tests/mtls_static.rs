@@ -483,7 +483,7 @@ async fn kinds_the_proxy_does_not_apply_are_refused_not_ignored() {
     let vs = dir.path().join("vs.yaml");
     std::fs::write(
         &vs,
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: { name: reviews }\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: { host: reviews }\n    corsPolicy: { allowOrigins: [{ exact: \"https://a.example\" }] }\n",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: { name: reviews }\nspec:\n  hosts: [reviews]\n  tcp:\n  - match: [{ destinationSubnets: [10.0.0.0/8] }]\n    route: [{ destination: { host: reviews } }]\n",
     )
     .unwrap();
     let admin = free_addr();
@@ -500,7 +500,7 @@ async fn kinds_the_proxy_does_not_apply_are_refused_not_ignored() {
         trellis_testkit::proxy::run(BIN, &["proxy", "--config", file.to_str().unwrap()]);
     assert_ne!(code, Some(0), "{err}");
     assert!(
-        err.contains("VirtualService default/reviews: spec.http[0].corsPolicy: not enforced by this proxy yet"),
+        err.contains("VirtualService default/reviews: spec.tcp[0].match[0].destinationSubnets: not enforced by this proxy yet"),
         "{err}"
     );
 }

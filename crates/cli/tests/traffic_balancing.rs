@@ -298,6 +298,9 @@ spec:
     loadBalancer: { consistentHash: { httpHeaderName: x-user, maglev: {} } }
 ";
 
+/// Users in the consistent-hashing test.
+const USERS: usize = 400;
+
 /// Where each of `users` lands, 8 requests at a time.
 async fn homes(h2: &H2, users: usize) -> Vec<String> {
     let tasks = (0..8).map(|t| {
@@ -323,7 +326,8 @@ async fn homes(h2: &H2, users: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_hashing_keeps_users_home_when_an_endpoint_goes() {
     let control = Control::start(BIN, &[]).await;
-    let names = ["e0", "e1", "e2", "e3", "e4"];
+    // Ten endpoints, as the issue's bar reads: one goes, over 90% of users stay home.
+    let names = ["e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7", "e8", "e9"];
     let origins: Vec<HttpOrigin> = join_all(names.map(HttpOrigin::start_with_name))
         .await
         .into_iter()
@@ -340,12 +344,12 @@ async fn consistent_hashing_keeps_users_home_when_an_endpoint_goes() {
     let front = procs.pop().unwrap();
     let dir = TempDir::new("hashing");
     apply(&control, &dir, "rules.yaml", HASH_RULE);
-    configured(&front.proxy, "maglev", 5).await;
+    configured(&front.proxy, "maglev", 10).await;
     let h2 = H2::connect(front.outbound).await;
 
-    let before = homes(&h2, 200).await;
+    let before = homes(&h2, USERS).await;
     assert_eq!(
-        homes(&h2, 200).await,
+        homes(&h2, USERS).await,
         before,
         "every user keeps its endpoint"
     );
@@ -367,12 +371,12 @@ async fn consistent_hashing_keeps_users_home_when_an_endpoint_goes() {
         "the frontend drops the endpoint",
         || async {
             let eps = endpoints(&front.proxy, "user-profile").await;
-            (eps.len() == 4 && !eps.contains(&gone_addr)).then_some(())
+            (eps.len() == 9 && !eps.contains(&gone_addr)).then_some(())
         },
     )
     .await;
 
-    let after = homes(&h2, 200).await;
+    let after = homes(&h2, USERS).await;
     let kept = before.iter().zip(&after).filter(|(b, a)| b == a).count();
     let stayers = before.iter().filter(|b| **b != gone).count();
     let stayed = before
@@ -382,11 +386,11 @@ async fn consistent_hashing_keeps_users_home_when_an_endpoint_goes() {
         .count();
     assert!(after.iter().all(|a| *a != gone));
     assert!(
-        kept * 100 > 200 * 75,
-        "{kept} of 200 users kept their endpoint"
+        kept * 100 > USERS * 90,
+        "{kept} of {USERS} users kept their endpoint"
     );
     assert!(
-        stayed * 100 >= stayers * 95,
+        stayed * 100 >= stayers * 97,
         "{stayed} of the {stayers} users of the remaining endpoints kept them"
     );
 }
@@ -405,13 +409,10 @@ spec:
 /// The `ejected` flags of the frontend's user-profile endpoints, by address.
 async fn ejected(frontend: &Trellis) -> HashMap<String, bool> {
     let (_, cfg) = frontend.admin_get("/config").await;
-    let cfg: Value = serde_json::from_str(&cfg).unwrap();
-    cfg["routes"]
+    config_host(&cfg, "user-profile.edtech")["cluster"]["endpoints"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|h| h["host"] == "user-profile.edtech")
-        .flat_map(|h| h["cluster"]["endpoints"].as_array().cloned().unwrap())
         .map(|e| {
             (
                 e["address"].as_str().unwrap().to_string(),

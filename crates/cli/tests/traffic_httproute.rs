@@ -156,18 +156,7 @@ async fn http_routes_route_mesh_traffic_as_the_gateway_api_says() {
     // The routes are visible in /config, in precedence order: the exact path first, the
     // longest prefixes next, the header match, then the rule without matches.
     let (_, config) = p.admin_get("/config").await;
-    let config = json(config.as_bytes());
-    let hosts = config["routes"].as_array().expect("routes");
-    let reviews = hosts
-        .iter()
-        .find(|h| h["host"] == "reviews.edtech")
-        .expect("reviews");
-    let names: Vec<&str> = reviews["routes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["name"].as_str().unwrap())
-        .collect();
+    let names = route_names(&config_host(&config, "reviews.edtech"));
     assert_eq!(
         names,
         ["nowhere", "legacy", "slow", "moved", "canary", "split"]

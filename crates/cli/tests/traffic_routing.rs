@@ -109,22 +109,9 @@ async fn virtual_services_route_split_rewrite_and_fail_as_configured() {
 
     // The compiled routes and clusters are visible in the admin /config.
     let (_, cfg) = frontend.admin_get("/config").await;
-    let cfg: Value = serde_json::from_str(&cfg).unwrap();
-    let host = cfg["routes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["host"] == "user-profile.edtech")
-        .unwrap()
-        .clone();
-    let names: Vec<&str> = host["routes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["name"].as_str().unwrap())
-        .collect();
+    let host = config_host(&cfg, "user-profile.edtech");
     assert_eq!(
-        names,
+        route_names(&host),
         [
             "direct",
             "moved",
@@ -240,12 +227,12 @@ async fn virtual_services_route_split_rewrite_and_fail_as_configured() {
 
     // A route setting this proxy does not enforce yet is refused by name (NACK), never
     // silently ignored; the running routes stay.
-    let file = dir.path().join("cors.yaml");
+    let file = dir.path().join("keepalive.yaml");
     std::fs::write(
         &file,
         RULES.replace(
-            "  - name: split\n",
-            "  - name: split\n    corsPolicy: { allowOrigins: [{ exact: \"https://x.example\" }] }\n",
+            "  host: user-profile\n  subsets:\n",
+            "  host: user-profile\n  trafficPolicy: { connectionPool: { tcp: { tcpKeepalive: { time: 10s } } } }\n  subsets:\n",
         ),
     )
     .unwrap();
@@ -258,11 +245,129 @@ async fn virtual_services_route_split_rewrite_and_fail_as_configured() {
             p["service"] == "frontend"
                 && p["last_nack"]["error"]
                     .as_str()
-                    .is_some_and(|e| e.contains("corsPolicy: not enforced"))
+                    .is_some_and(|e| e.contains("tcpKeepalive: not enforced"))
         })?;
         Some(())
     })
     .await;
     let (status, _, _) = h2.request("GET", &url("/teapot"), b"").await;
     assert_eq!(status, 418);
+}
+
+const CORS_RULES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: user-profile, namespace: edtech }
+spec:
+  hosts: [user-profile]
+  http:
+  - name: api
+    match: [{ uri: { prefix: /echo } }]
+    corsPolicy:
+      allowOrigins: [{ exact: https://app.example }]
+      allowMethods: [GET, POST]
+      allowHeaders: [x-token]
+      exposeHeaders: [x-request-id]
+      maxAge: 1h
+      allowCredentials: true
+    rewrite: { uriRegexRewrite: { match: "^/echo/v1/(.*)$", rewrite: "/echo/\\1" } }
+    route: [{ destination: { host: user-profile } }]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_policies_answer_preflights_and_regex_rewrites_apply() {
+    let origin = HttpOrigin::start_with_name("v1").await.unwrap();
+    let dir = TempDir::new("cors");
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(&rules, CORS_RULES).unwrap();
+    let (admin, outbound) = (free_addr(), free_addr());
+    let yaml = format!(
+        "service: frontend\nnamespace: edtech\nadmin: {admin}\noutbound: {{ listen: {outbound} }}\n\
+         upstreams:\n  - {{ service: user-profile, endpoints: [{}] }}\nresources: [{}]\n",
+        origin.addr(),
+        rules.display()
+    );
+    let _p = proxy(&yaml, admin, &[]).await;
+    let proxy_arg = format!("http://{outbound}");
+    let curl_head = |extra: Vec<&'static str>| {
+        let proxy_arg = proxy_arg.clone();
+        async move {
+            let mut args = vec!["-s", "-o", "/dev/null", "-D", "-", "-x", &proxy_arg];
+            args.extend(extra);
+            curl(&args).await
+        }
+    };
+
+    // A preflight from the allowed origin: answered by the proxy, never reaching the app.
+    let before = origin.requests();
+    let (code, head) = curl_head(vec![
+        "-X",
+        "OPTIONS",
+        "-H",
+        "Origin: https://app.example",
+        "-H",
+        "Access-Control-Request-Method: POST",
+        "http://user-profile.edtech/echo/v1/users",
+    ])
+    .await;
+    assert_eq!(code, 0);
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    for line in [
+        "access-control-allow-origin: https://app.example",
+        "access-control-allow-methods: get,post",
+        "access-control-allow-headers: x-token",
+        "access-control-max-age: 3600",
+        "access-control-allow-credentials: true",
+    ] {
+        assert!(head.contains(line), "{line}: {head}");
+    }
+    assert_eq!(origin.requests(), before);
+
+    // A preflight from another origin is forwarded, without CORS headers.
+    let (_, head) = curl_head(vec![
+        "-X",
+        "OPTIONS",
+        "-H",
+        "Origin: https://evil.example",
+        "-H",
+        "Access-Control-Request-Method: POST",
+        "http://user-profile.edtech/echo/v1/users",
+    ])
+    .await;
+    assert!(
+        !head.to_ascii_lowercase().contains("access-control-"),
+        "{head}"
+    );
+    assert_eq!(origin.requests(), before + 1);
+
+    // An actual request: CORS headers on the response, the path rewritten by the regex.
+    let (code, out) = curl(&[
+        "-s",
+        "-D",
+        "/dev/stderr",
+        "-x",
+        &proxy_arg,
+        "-H",
+        "Origin: https://app.example",
+        "http://user-profile.edtech/echo/v1/users?id=7",
+    ])
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(json(out.as_bytes())["path"], "/echo/users?id=7");
+    let (_, head) = curl_head(vec![
+        "-H",
+        "Origin: https://app.example",
+        "http://user-profile.edtech/echo/v1/users",
+    ])
+    .await;
+    let head = head.to_ascii_lowercase();
+    assert!(
+        head.contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-expose-headers: x-request-id"),
+        "{head}"
+    );
 }

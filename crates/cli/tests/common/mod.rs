@@ -156,3 +156,26 @@ pub async fn joined_with(
     args.extend(labels.iter().map(String::as_str));
     (proxy(&yaml, admin, &args).await, outbound)
 }
+
+/// The entry of `host` (e.g. `user-profile.edtech`) under `routes` in an admin `/config`
+/// body: its cluster, routes and TCP routes as the proxy runs them.
+pub fn config_host(config: &str, host: &str) -> serde_json::Value {
+    let config: serde_json::Value = serde_json::from_str(config).expect("/config is JSON");
+    config["routes"]
+        .as_array()
+        .expect("routes")
+        .iter()
+        .find(|h| h["host"] == host)
+        .unwrap_or_else(|| panic!("no host {host} in {config}"))
+        .clone()
+}
+
+/// The names of a [`config_host`] entry's routes, in the order the proxy tries them.
+pub fn route_names(host: &serde_json::Value) -> Vec<String> {
+    host["routes"]
+        .as_array()
+        .expect("routes")
+        .iter()
+        .map(|r| r["name"].as_str().expect("route name").to_string())
+        .collect()
+}

@@ -12,6 +12,7 @@ use super::mirror;
 use super::respond;
 use crate::resilience::replay::Replay;
 use crate::resilience::retry::Outcome;
+use crate::route::cors::Preflight;
 use crate::route::matcher::{MatchContext, Source};
 use crate::route::{Abort, Action, Decision, RedirectPort, Route, VirtualHost};
 use crate::telemetry::metrics::{Metrics, Peer};
@@ -219,6 +220,29 @@ impl Forwarder {
             source: self.shared.source(),
         };
         let decision = vhost.decide(&parts, &cx);
+        // CORS (the route's `corsPolicy`): preflights from allowed origins are answered
+        // here; responses to allowed origins get their headers at the end.
+        let cors = match &decision {
+            Decision::Forward { route, .. } => route.and_then(|r| r.cors.as_ref()),
+            Decision::Answer(r) => r.cors.as_ref(),
+            Decision::NoRoute => None,
+        };
+        let cors = cors.map(|c| (c, parts.headers.clone()));
+        if let Some((c, _)) = &cors {
+            if let Preflight::Answer(headers) = c.preflight(&parts.method, &parts.headers) {
+                let mut ex = local_exchange(&vhost.cluster, &client, start);
+                ex.status = 200;
+                let mut resp = Response::new(ResponseBody::full(Vec::new(), Some(ex)));
+                resp.headers_mut().extend(headers);
+                return resp;
+            }
+        }
+        let decorate = |mut resp: Response<ResponseBody>| {
+            if let Some((c, request)) = &cors {
+                c.decorate(request, resp.headers_mut());
+            }
+            resp
+        };
         let (cluster, route, backend_headers) = match decision {
             Decision::NoRoute => {
                 return respond::error(
@@ -230,7 +254,7 @@ impl Forwarder {
             }
             Decision::Answer(route) => {
                 let ex = local_exchange(&vhost.cluster, &client, start);
-                return answer(route, &parts, &cx, &authority, ex);
+                return decorate(answer(route, &parts, &cx, &authority, ex));
             }
             Decision::Forward {
                 cluster,
@@ -255,7 +279,7 @@ impl Forwarder {
                 tokio::time::sleep(d).await;
             }
             if let Some(abort) = fault.abort() {
-                return aborted(abort, local_exchange(&cluster, &client, start));
+                return decorate(aborted(abort, local_exchange(&cluster, &client, start)));
             }
         }
         if let Some(new_path) = route.rewritten_path(&path, &parts, &cx) {
@@ -293,7 +317,7 @@ impl Forwarder {
         for e in response_edits.into_iter().flatten() {
             e.apply(resp.headers_mut());
         }
-        resp
+        decorate(resp)
     }
 
     async fn forward(

@@ -433,23 +433,6 @@ fn compile_route(
             vs.metadata.name
         )
     };
-    // Never silently ignored: what this proxy does not enforce yet is refused by name.
-    for (field, set) in [
-        ("corsPolicy", r.cors_policy.is_some()),
-        (
-            "rewrite.uriRegexRewrite",
-            r.rewrite
-                .as_ref()
-                .is_some_and(|w| w.uri_regex_rewrite.is_some()),
-        ),
-    ] {
-        if set {
-            return Err(format!(
-                "{}: not enforced by this proxy yet",
-                at(&format!(".{field}"))
-            ));
-        }
-    }
     let name: Arc<str> =
         Arc::from(r.name.clone().unwrap_or_else(|| {
             format!("{}/{}#{index}", vs.metadata.namespace(), vs.metadata.name)
@@ -482,7 +465,7 @@ fn compile_route(
         Action::Direct { status, body }
     } else if let Some(rd) = &r.redirect {
         Action::Redirect(Redirect {
-            uri: rd.uri.clone().map(|value| PathEdit { value, whole: true }),
+            uri: rd.uri.clone().map(PathEdit::Whole),
             authority: rd.authority.clone(),
             scheme: rd.scheme.clone(),
             port: match rd.port.and_then(|p| u16::try_from(p).ok()) {
@@ -529,10 +512,14 @@ fn compile_route(
     };
     let rewrite = match &r.rewrite {
         Some(rw) => Some(Rewrite {
-            uri: rw.uri.clone().map(|value| PathEdit {
-                value,
-                whole: false,
-            }),
+            uri: match (&rw.uri, &rw.uri_regex_rewrite) {
+                (Some(uri), _) => Some(PathEdit::Prefix(uri.clone())),
+                (None, Some(rr)) => Some(
+                    regex_rewrite(&rr.pattern, &rr.rewrite)
+                        .map_err(|e| format!("{}: {e}", at(".rewrite.uriRegexRewrite")))?,
+                ),
+                (None, None) => None,
+            },
             authority: rw
                 .authority
                 .as_deref()
@@ -553,6 +540,12 @@ fn compile_route(
         fault: r.fault.as_ref().map(fault),
         retry,
         mirrors,
+        cors: r
+            .cors_policy
+            .as_ref()
+            .map(super::cors::Cors::compile)
+            .transpose()
+            .map_err(|e| format!("{}: {e}", at(".corsPolicy")))?,
     })
 }
 
@@ -600,6 +593,27 @@ fn compile_tcp_route(
         matches,
         backends,
     })
+}
+
+/// Istio's `uriRegexRewrite` (Envoy's RE2 `regex_rewrite`): every match of `pattern` in the
+/// path is replaced; `\1`..`\9` in `rewrite` are the groups (`$` is literal).
+fn regex_rewrite(pattern: &str, rewrite: &str) -> Result<PathEdit, String> {
+    let re = regex::RegexBuilder::new(pattern)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| format!("match: {e}"))?;
+    let mut with = String::with_capacity(rewrite.len());
+    let mut chars = rewrite.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek().is_some_and(char::is_ascii_digit) => {
+                with.push_str(&format!("${{{}}}", chars.next().unwrap_or('0')));
+            }
+            '$' => with.push_str("$$"),
+            c => with.push(c),
+        }
+    }
+    Ok(PathEdit::Regex(re, with))
 }
 
 /// The route's mirrors: `mirror` with `mirrorPercentage`, or `mirrors` (each with its own
@@ -1159,6 +1173,29 @@ spec:
             err.contains("VirtualService edtech/users-tcp: spec.tcp[0].match[0].destinationSubnets: not enforced by this proxy yet"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn uri_regex_rewrites_use_envoy_group_syntax() {
+        let rewrite = |pattern: &str, with: &str, path: &str| {
+            let PathEdit::Regex(re, with) = regex_rewrite(pattern, with).unwrap() else {
+                panic!("a regex edit")
+            };
+            re.replace_all(path, with.as_str()).into_owned()
+        };
+        // Istio's documented example: swap two path segments.
+        assert_eq!(
+            rewrite(
+                "^/service/([^/]+)(/.*)$",
+                "\\2/instance/\\1",
+                "/service/foo/v1/api"
+            ),
+            "/v1/api/instance/foo"
+        );
+        // Every match is replaced; `$` in the replacement is literal.
+        assert_eq!(rewrite("/+", "/", "//a///b"), "/a/b");
+        assert_eq!(rewrite("^/price$", "/cost$", "/price"), "/cost$");
+        assert!(regex_rewrite("(", "x").is_err());
     }
 
     #[test]

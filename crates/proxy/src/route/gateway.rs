@@ -239,23 +239,15 @@ fn compile_rule(
         fault: None,
         retry: None,
         mirrors,
+        cors: None,
     })
 }
 
 fn path_edit(p: &PathModifier) -> PathEdit {
     match (&p.replace_full_path, &p.replace_prefix_match) {
-        (Some(full), _) => PathEdit {
-            value: full.clone(),
-            whole: true,
-        },
-        (None, Some(prefix)) => PathEdit {
-            value: prefix.clone(),
-            whole: false,
-        },
-        (None, None) => PathEdit {
-            value: "/".into(),
-            whole: false,
-        },
+        (Some(full), _) => PathEdit::Whole(full.clone()),
+        (None, Some(prefix)) => PathEdit::Prefix(prefix.clone()),
+        (None, None) => PathEdit::Prefix("/".into()),
     }
 }
 

@@ -120,6 +120,7 @@ mod tests {
             fault: None,
             retry: None,
             mirrors: Vec::new(),
+            cors: None,
         }
     }
 

@@ -10,6 +10,7 @@
 //! when a config arrives ([`compile`]); a request only evaluates matchers and draws a weight.
 
 pub mod compile;
+pub mod cors;
 mod gateway;
 mod index;
 pub mod matcher;
@@ -68,6 +69,8 @@ pub struct Route {
     pub retry: Option<RetryPolicy>,
     /// Copies of requests sent elsewhere, answers discarded (`mirror`, `mirrors`).
     pub mirrors: Vec<Mirror>,
+    /// Cross-origin resource sharing (`corsPolicy`).
+    pub cors: Option<cors::Cors>,
 }
 
 /// A destination that gets a copy of a share of the route's requests (Istio `mirror` with
@@ -129,13 +132,15 @@ pub struct Backend {
 }
 
 /// A new path for a request.
-pub struct PathEdit {
-    /// The new path, or the new prefix.
-    pub value: String,
-    /// `true`: `value` replaces the whole path. `false`: it replaces the prefix the route's
-    /// `prefix` match matched (the whole path when the route matched otherwise), as Istio's
-    /// `rewrite.uri` and Gateway API's `ReplacePrefixMatch` do.
-    pub whole: bool,
+pub enum PathEdit {
+    /// Replaces the whole path.
+    Whole(String),
+    /// Replaces the prefix the route's `prefix` match matched (the whole path when the route
+    /// matched otherwise), as Istio's `rewrite.uri` and Gateway API's `ReplacePrefixMatch` do.
+    Prefix(String),
+    /// Replaces every match of the regex with the replacement (`${1}` for groups), as
+    /// Istio's `rewrite.uriRegexRewrite`.
+    Regex(regex::Regex, String),
 }
 
 /// `rewrite` (Istio) or `URLRewrite` (Gateway API).
@@ -380,10 +385,11 @@ impl Route {
         head: &http::request::Parts,
         cx: &MatchContext<'_>,
     ) -> String {
-        let new = &edit.value;
-        if edit.whole {
-            return new.clone();
-        }
+        let new = match edit {
+            PathEdit::Whole(new) => return new.clone(),
+            PathEdit::Regex(re, with) => return re.replace_all(path, with.as_str()).into_owned(),
+            PathEdit::Prefix(new) => new,
+        };
         let prefix = self
             .matches
             .iter()
