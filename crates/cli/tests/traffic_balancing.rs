@@ -404,6 +404,7 @@ spec:
   trafficPolicy:
     loadBalancer: { simple: ROUND_ROBIN }
     outlierDetection: { consecutive5xxErrors: 3, interval: 30s, baseEjectionTime: 30s, maxEjectionPercent: 50 }
+    tls: { mode: ISTIO_MUTUAL }
 ";
 
 /// The `ejected` flags of the frontend's user-profile endpoints, by address.

@@ -28,7 +28,7 @@ use std::time::Duration;
 use trellis_api::names::ServiceKey;
 use trellis_api::resources::destination_rule::DestinationRule;
 use trellis_api::resources::http_policy::{self, HeaderOperations, Headers};
-use trellis_api::resources::traffic_policy::TrafficPolicy;
+use trellis_api::resources::traffic_policy::{ClientTlsSettings, TlsMode, TrafficPolicy};
 use trellis_api::resources::virtual_service::{HttpRoute, TcpRoute, VirtualService};
 use trellis_api::resources::{Loaded, Resource};
 
@@ -72,6 +72,18 @@ pub fn compile(
     // Checked for every rule, whether or not its host is a service known here.
     for r in &rules {
         not_enforced_rule(r)?;
+        let istio_mutual =
+            traffic_policies(r).any(|(_, tp)| tp.and_then(|tp| tp.tls.as_ref()).is_some());
+        let spec = resolve(&r.spec.host, r.metadata.namespace()).and_then(|k| clusters.get(&k));
+        if let (true, Some(spec)) = (istio_mutual, spec) {
+            if let Some((e, _)) = spec.endpoints.iter().find(|(e, _)| !e.is_mtls()) {
+                return Err(format!(
+                    "{}: tls.mode ISTIO_MUTUAL: endpoint {} has no mesh identity to verify (give the upstream an `identity`, or drop `tls`)",
+                    rule_at(r),
+                    e.addr()
+                ));
+            }
+        }
     }
     // `exportTo` narrower than the whole mesh is not honoured yet: refused, never widened.
     for l in resources {
@@ -406,10 +418,31 @@ fn not_enforced_rule(r: &DestinationRule) -> Result<(), String> {
     let at = rule_at(r);
     for (path, tp) in traffic_policies(r) {
         let Some(tp) = tp else { continue };
-        for (field, set) in [
-            ("tls", tp.tls.is_some()),
-            ("portLevelSettings", !tp.port_level_settings.is_empty()),
-        ] {
+        // `ISTIO_MUTUAL` is what the mesh does anyway (mTLS to every endpoint with a mesh
+        // identity, checked in `compile` for the rule's endpoints); anything else is refused.
+        if let Some(tls) = &tp.tls {
+            let only_mode = ClientTlsSettings {
+                mode: tls.mode,
+                ..ClientTlsSettings::default()
+            };
+            if tls.mode != TlsMode::IstioMutual {
+                let mode = match tls.mode {
+                    TlsMode::Disable => "DISABLE",
+                    TlsMode::Simple => "SIMPLE",
+                    TlsMode::Mutual => "MUTUAL",
+                    TlsMode::IstioMutual => "ISTIO_MUTUAL",
+                };
+                return Err(format!(
+                    "{at}: {path}.tls.mode {mode}: not enforced by this proxy yet (ISTIO_MUTUAL is: mesh endpoints are always reached over mTLS)"
+                ));
+            }
+            if *tls != only_mode {
+                return Err(format!(
+                    "{at}: {path}.tls: only `mode: ISTIO_MUTUAL` is enforced by this proxy yet (certificates, sni and subjectAltNames come from the mesh)"
+                ));
+            }
+        }
+        for (field, set) in [("portLevelSettings", !tp.port_level_settings.is_empty())] {
             if set {
                 return Err(format!(
                     "{at}: {path}.{field}: not enforced by this proxy yet"
@@ -1173,6 +1206,25 @@ spec:
             err.contains("VirtualService edtech/users-tcp: spec.tcp[0].match[0].destinationSubnets: not enforced by this proxy yet"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn only_istio_mutual_tls_is_accepted_and_only_for_mesh_endpoints() {
+        let err = |tp: &str| compile_with(&rule(tp, "")).err().unwrap_or_default();
+        assert!(
+            err("trafficPolicy: { tls: { mode: SIMPLE } }").contains(
+                "DestinationRule edtech/users: spec.trafficPolicy.tls.mode SIMPLE: not enforced"
+            ),
+            "{}",
+            err("trafficPolicy: { tls: { mode: SIMPLE } }")
+        );
+        assert!(
+            err("trafficPolicy: { tls: { mode: ISTIO_MUTUAL, sni: users.example } }")
+                .contains("spec.trafficPolicy.tls: only `mode: ISTIO_MUTUAL`")
+        );
+        // The test endpoints have no mesh identity: ISTIO_MUTUAL cannot be what happens.
+        assert!(err("trafficPolicy: { tls: { mode: ISTIO_MUTUAL } }")
+            .contains("tls.mode ISTIO_MUTUAL: endpoint 10.0.0.1:8080 has no mesh identity"));
     }
 
     #[test]
