@@ -116,6 +116,7 @@ async fn handle(stream: TcpStream, addr: SocketAddr, l: Arc<Listener>, ctx: Arc<
         tls: false,
         identity: None,
         local,
+        principal: Default::default(),
     };
 
     // Without mTLS a fixed protocol skips detection; with it, we must look for a ClientHello.
@@ -166,6 +167,7 @@ async fn handle(stream: TcpStream, addr: SocketAddr, l: Arc<Listener>, ctx: Arc<
         tls: true,
         identity: accepted.peer.clone(),
         local,
+        principal: Default::default(),
     };
     let mut io = accepted.io;
     let (detected, prefix) = match (accepted.alpn, fixed(l.protocol)) {

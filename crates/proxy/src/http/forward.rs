@@ -69,6 +69,25 @@ pub struct ClientConn {
     pub identity: Option<trellis_identity::SpiffeId>,
     /// The local address the client connected to.
     pub local: Option<SocketAddr>,
+    /// The Istio principal of `identity`, made once per connection (for authorization).
+    pub principal: std::sync::OnceLock<Option<Box<str>>>,
+}
+
+impl ClientConn {
+    /// The Istio principal of the peer (`<trust domain>/ns/<ns>/sa/<sa>`), if mTLS.
+    pub fn principal(&self) -> Option<&str> {
+        self.principal
+            .get_or_init(|| {
+                self.identity.as_ref().map(|id| {
+                    format!(
+                        "{}/ns/{}/sa/{}",
+                        id.trust_domain, id.namespace, id.service_account
+                    )
+                    .into_boxed_str()
+                })
+            })
+            .as_deref()
+    }
 }
 
 /// Proxy-wide parts the forwarder uses.

@@ -99,10 +99,13 @@ pub fn principal_namespace(principal: &str) -> Option<&str> {
 }
 
 /// A host as policies compare it: lower case, without port and trailing dot.
-pub fn normalize_host(authority: &str) -> String {
-    strip_port(authority.trim())
-        .trim_end_matches('.')
-        .to_ascii_lowercase()
+pub fn normalize_host(authority: &str) -> std::borrow::Cow<'_, str> {
+    let host = strip_port(authority.trim()).trim_end_matches('.');
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
 }
 
 /// `host` without a `:port` (or `:*`, in a pattern) suffix; IPv6 literals keep their brackets.
@@ -1002,7 +1005,7 @@ mod tests {
             self
         }
         fn host(mut self, authority: &str) -> Self {
-            self.host = normalize_host(authority);
+            self.host = normalize_host(authority).into_owned();
             self
         }
         fn path(mut self, raw: &str) -> Self {

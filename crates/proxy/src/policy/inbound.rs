@@ -37,16 +37,6 @@ pub struct Inbound {
 /// The policy label of a denial by the Mesh's default-deny switch.
 const DEFAULT_DENY: &str = "mesh/default-deny";
 
-/// The Istio principal of a peer (`<trust domain>/ns/<ns>/sa/<sa>`).
-fn principal(client: &ClientConn) -> Option<String> {
-    client.identity.as_ref().map(|id| {
-        format!(
-            "{}/ns/{}/sa/{}",
-            id.trust_domain, id.namespace, id.service_account
-        )
-    })
-}
-
 impl Inbound {
     /// Checks an HTTP request; on success the request carries the normalized path.
     #[allow(clippy::result_large_err)]
@@ -56,8 +46,7 @@ impl Inbound {
         client: &ClientConn,
         metrics: &Metrics,
     ) -> Result<(), Response<ResponseBody>> {
-        let raw = req.uri().path().to_string();
-        let normalized = match path::normalize(&raw) {
+        let normalized = match path::normalize(req.uri().path()) {
             Ok(p) => p,
             Err(e) => {
                 return Err(respond::error(
@@ -68,7 +57,7 @@ impl Inbound {
                 ))
             }
         };
-        if normalized != raw {
+        if normalized != req.uri().path() {
             let query = req.uri().query().map(str::to_string);
             crate::http::set_path(req.uri_mut(), &normalized, query.as_deref());
         }
@@ -80,25 +69,22 @@ impl Inbound {
             return self.rate_limit(req, &matched, metrics);
         }
         let host = super::authz::normalize_host(authority_of(req).unwrap_or_default());
-        let principal = principal(client);
+        let principal = client.principal();
         let http = HttpAttrs {
             method: req.method().as_str(),
             host: &host,
             path: &matched,
             headers: req.headers(),
         };
-        let d = self.decide(
-            &attrs(client, principal.as_deref(), Some(http), jwt.as_ref()),
-            metrics,
-        );
+        let d = self.decide(&attrs(client, principal, Some(http), jwt.as_ref()), metrics);
         for audit in &d.audit {
-            metrics.authz_decision("audit", audit);
-            tracing::info!(target: "trellis::authz", action = "audit", policy = %audit, source = principal.as_deref().unwrap_or("-"), method = %req.method(), path = %normalized, "authorization audit");
+            metrics.authz_decision("audit", Some(audit));
+            tracing::info!(target: "trellis::authz", action = "audit", policy = %audit, source = principal.unwrap_or("-"), method = %req.method(), path = %normalized, "authorization audit");
         }
         if d.allowed {
             return self.rate_limit(req, &matched, metrics);
         }
-        tracing::info!(target: "trellis::authz", action = "deny", policy = d.policy_label(), source = principal.as_deref().unwrap_or("-"), method = %req.method(), path = %normalized, "request denied");
+        tracing::info!(target: "trellis::authz", action = "deny", policy = d.policy_label(), source = principal.unwrap_or("-"), method = %req.method(), path = %normalized, "request denied");
         Err(denied(req))
     }
 
@@ -174,7 +160,7 @@ impl Inbound {
             d.allowed = false;
             d.policy = Some(std::sync::Arc::from(DEFAULT_DENY));
         }
-        metrics.authz_decision(d.action_label(), d.policy_label());
+        metrics.authz_decision(d.action_label(), d.policy.as_ref());
         d
     }
 
@@ -183,10 +169,10 @@ impl Inbound {
         if self.authz.is_empty() && !self.default_deny {
             return true;
         }
-        let principal = principal(client);
-        let d = self.decide(&attrs(client, principal.as_deref(), None, None), metrics);
+        let principal = client.principal();
+        let d = self.decide(&attrs(client, principal, None, None), metrics);
         if !d.allowed {
-            tracing::info!(target: "trellis::authz", action = "deny", policy = d.policy_label(), source = principal.as_deref().unwrap_or("-"), client = %client.addr, "connection denied");
+            tracing::info!(target: "trellis::authz", action = "deny", policy = d.policy_label(), source = principal.unwrap_or("-"), client = %client.addr, "connection denied");
         }
         d.allowed
     }

@@ -266,13 +266,12 @@ impl Metrics {
 
     /// Counts an authorization decision (`allow`, `deny`, `audit`) of `policy` (empty: the
     /// default decision, no policy matched).
-    pub fn authz_decision(&self, action: &'static str, policy: &str) {
+    pub fn authz_decision(&self, action: &'static str, policy: Option<&Arc<str>>) {
+        static DEFAULT: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+        let policy = policy.unwrap_or(&DEFAULT).clone();
         self.families
             .authz
-            .get_or_create(&AuthzLabels {
-                action,
-                policy: Arc::from(policy),
-            })
+            .get_or_create(&AuthzLabels { action, policy })
             .inc();
     }
 
