@@ -225,6 +225,7 @@ pub fn check(loaded: &[Loaded], registered: Option<&BTreeSet<String>>, out: &mut
                     }
                 }
             }
+            Resource::HttpRoute(hr) => http_route(loaded, l, hr, out),
             Resource::DestinationRule(r) => {
                 let host = fqdn(&r.spec.host, r.metadata.namespace());
                 if !host.starts_with('*') && !defined.knows(&host, false) {
@@ -237,6 +238,64 @@ pub fn check(loaded: &[Loaded], registered: Option<&BTreeSet<String>>, out: &mut
                 }
             }
             _ => {}
+        }
+    }
+}
+
+/// An HTTPRoute as a sidecar sees it. `gateway-only-route`: it attaches to no Service, so
+/// sidecars ignore it (Trellis has no gateway). `route-conflict`: a VirtualService applied to
+/// sidecars routes the same service, and the proxy lets the VirtualService win.
+fn http_route(
+    loaded: &[Loaded],
+    l: &Loaded,
+    hr: &crate::resources::HttpRoute,
+    out: &mut Vec<Finding>,
+) {
+    let ns = hr.metadata.namespace();
+    let services: Vec<String> = hr
+        .spec
+        .parent_refs
+        .iter()
+        .filter(|p| {
+            p.kind.as_deref() == Some("Service")
+                && matches!(p.group.as_deref(), None | Some("") | Some("core"))
+        })
+        .map(|p| fqdn(&p.name, p.namespace.as_deref().unwrap_or(ns)))
+        .collect();
+    if services.is_empty() {
+        out.push(finding(
+            l,
+            Level::Warning,
+            "gateway-only-route",
+            "spec.parentRefs: no Service parent (group \"\", kind Service): sidecars ignore this route, and Trellis has no gateway to apply it".into(),
+        ));
+        return;
+    }
+    for other in loaded {
+        let Resource::VirtualService(v) = &other.resource else {
+            continue;
+        };
+        let g = &v.spec.gateways;
+        if !g.is_empty() && !g.iter().any(|g| g == "mesh") {
+            continue;
+        }
+        let vns = v.metadata.namespace();
+        if let Some(host) = v
+            .spec
+            .hosts
+            .iter()
+            .map(|h| fqdn(h, vns))
+            .find(|h| services.contains(h))
+        {
+            out.push(finding(
+                l,
+                Level::Warning,
+                "route-conflict",
+                format!(
+                    "VirtualService {vns}/{} also routes {host}: the proxy applies the VirtualService and ignores this HTTPRoute for it",
+                    v.metadata.name
+                ),
+            ));
         }
     }
 }
@@ -296,6 +355,27 @@ mod tests {
         assert_eq!(fqdn("API.Example.com.", "x"), "api.example.com");
         assert!(host_matches("*.example.com", "api.example.com"));
         assert!(!host_matches("*.example.com", "example.com"));
+    }
+
+    #[test]
+    fn http_routes_that_sidecars_ignore_are_reported() {
+        let route = |parent: &str| {
+            format!("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: reviews, namespace: edtech }}\nspec:\n  parentRefs: [{parent}]\n  rules:\n  - backendRefs: [{{ name: reviews, port: 9080 }}]\n")
+        };
+        let service = "{ group: \"\", kind: Service, name: reviews, port: 9080 }";
+        assert!(run(&format!("{DR}{}", route(service))).is_empty());
+        let f = run(&route("{ name: ingress }"));
+        assert_eq!(codes(&f), ["gateway-only-route@1"]);
+        let both = format!(
+            "{}---\n{}",
+            vs("  - route: [{ destination: { host: reviews } }]\n"),
+            route(service)
+        );
+        let f = run(&both);
+        assert_eq!(codes(&f), ["route-conflict@16"], "{f:?}");
+        assert!(f[0].message.contains(
+            "VirtualService edtech/reviews also routes reviews.edtech.svc.cluster.local"
+        ));
     }
 
     #[test]
