@@ -371,3 +371,69 @@ async fn cors_policies_answer_preflights_and_regex_rewrites_apply() {
         "{head}"
     );
 }
+
+const GAMMA_ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: user-profile-canary, namespace: edtech }
+spec:
+  parentRefs: [{ group: "", kind: Service, name: user-profile, port: 80 }]
+  rules:
+  - matches: [{ headers: [{ name: x-canary, value: "true" }] }]
+    backendRefs: [{ name: user-profile-v2, port: 80 }]
+  - backendRefs: [{ name: user-profile, port: 80 }]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_routes_applied_to_the_control_plane_route_the_mesh() {
+    let control = Control::start(BIN, &[]).await;
+    let v1 = HttpOrigin::start_with_name("v1").await.unwrap();
+    let v2 = HttpOrigin::start_with_name("v2").await.unwrap();
+    let _p1 = joined_edtech(&control, "user-profile", v1.addr(), &[]).await;
+    let _p2 = joined_edtech(&control, "user-profile-v2", v2.addr(), &[]).await;
+    let front_app = HttpOrigin::start().await.unwrap();
+    let (frontend, out) = joined_edtech(&control, "frontend", front_app.addr(), &[]).await;
+
+    let dir = TempDir::new("gamma");
+    let file = dir.path().join("route.yaml");
+    std::fs::write(&file, GAMMA_ROUTE).unwrap();
+    let (code, o, e) = control.cli(&["apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{o}{e}");
+    eventually(
+        Duration::from_secs(5),
+        "the route reaches the frontend",
+        || async {
+            let (_, cfg) = frontend.admin_get("/config").await;
+            let host = config_host(&cfg, "user-profile.edtech");
+            (route_names(&host).len() == 2).then_some(())
+        },
+    )
+    .await;
+
+    let h2 = H2::connect(out).await;
+    let origin_of = |canary: bool| {
+        let mut req = http::Request::get("http://user-profile.edtech/echo");
+        if canary {
+            req = req.header("x-canary", "true");
+        }
+        let req = req
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let h2 = h2.clone();
+        async move {
+            let (status, headers, _) = h2.send(req).await;
+            let origin = headers
+                .get("x-origin")
+                .map(|v| v.to_str().unwrap().to_string());
+            (status, origin.unwrap_or_default())
+        }
+    };
+    eventually(Duration::from_secs(5), "the canary reaches v2", || async {
+        (origin_of(true).await == (200, "v2".to_string())).then_some(())
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(origin_of(false).await, (200, "v1".to_string()));
+        assert_eq!(origin_of(true).await, (200, "v2".to_string()));
+    }
+}
