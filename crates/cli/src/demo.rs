@@ -4,8 +4,10 @@
 //! a tiny built-in HTTP app behind its own `trellis proxy` process that joined with a token,
 //! registered itself and talks mTLS to the others: `frontend` calls `user-authentication`,
 //! `user-profile`, `content-delivery`, `exam-engine` and `scoring-service`, found through the
-//! registry (no endpoint is configured anywhere). The mTLS policy is Istio YAML applied to the
-//! control plane and pushed to the proxies. A gentle load generator calls the frontend.
+//! registry (no endpoint is configured anywhere). The mesh policies — mTLS, who may read scores
+//! (AuthorizationPolicy), exam-call timeout and retries (VirtualService) — are Istio YAML
+//! applied to the control plane and pushed to the proxies. A gentle load generator calls the
+//! frontend.
 //! Ctrl-C (or `--duration`) stops everything cleanly.
 
 use crate::api_client::call;
@@ -47,7 +49,7 @@ const BACKENDS: [&str; 5] = [
 ];
 const NAMESPACE: &str = "edtech";
 
-const PEER_AUTHENTICATION: &str = "\
+const MESH_POLICIES: &str = "\
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata:
@@ -68,6 +70,35 @@ spec:
       app: frontend
   mtls:
     mode: PERMISSIVE
+---
+# Scores are read by the frontend only: any other identity gets 403.
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: scores-readers
+  namespace: edtech
+spec:
+  selector:
+    matchLabels:
+      app: scoring-service
+  action: ALLOW
+  rules:
+  - from: [{ source: { principals: [cluster.local/ns/edtech/sa/frontend] } }]
+    to: [{ operation: { methods: [GET] } }]
+---
+# Exam calls get a 2 s budget and up to two retries on gateway errors.
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: exam-engine
+  namespace: edtech
+spec:
+  hosts: [exam-engine]
+  http:
+  - name: exams
+    timeout: 2s
+    retries: { attempts: 2, perTryTimeout: 500ms, retryOn: \"gateway-error,connect-failure\" }
+    route: [{ destination: { host: exam-engine } }]
 ";
 
 fn free_port() -> anyhow::Result<SocketAddr> {
@@ -299,21 +330,22 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     let frontend = Service::new("frontend").await?;
     let frontend_out = free_port()?;
     // Istio YAML, as a team would keep it in Git: mTLS STRICT mesh-wide, except that the
-    // frontend, the edge of the platform, also takes plaintext from browsers. Applied to the
-    // control plane, which pushes each proxy what concerns it.
-    let policies = dir.join("peer-authentication.yaml");
-    std::fs::write(&policies, PEER_AUTHENTICATION)?;
+    // frontend, the edge of the platform, also takes plaintext from browsers; only the
+    // frontend may read scores; exam calls are bounded and retried. Applied to the control
+    // plane, which pushes each proxy what concerns it.
+    let policies = dir.join("mesh-policies.yaml");
+    std::fs::write(&policies, MESH_POLICIES)?;
     let (code, answer) = crate::api_client::call_raw(
         &api,
         "POST",
         "/api/v1/resources",
-        Some("peer-authentication.yaml"),
-        PEER_AUTHENTICATION.to_string(),
+        Some("mesh-policies.yaml"),
+        MESH_POLICIES.to_string(),
     )
     .await
-    .context("applying the mTLS policy")?;
+    .context("applying the mesh policies")?;
     if code != 200 {
-        bail!("applying the mTLS policy: {answer}");
+        bail!("applying the mesh policies: {answer}");
     }
     let mut proxies = Vec::new();
     for b in &backends {
@@ -391,6 +423,15 @@ async fn run_async(args: DemoArgs) -> anyhow::Result<()> {
     .await?;
 
     println!("Trellis demo is running: a control plane and six services, mTLS between every pair.");
+    println!(
+        "  mesh policies (Istio YAML):         {}",
+        policies.display()
+    );
+    println!("  authorization policies:             trellis get AuthorizationPolicy --api {api}");
+    println!(
+        "  scoring-service's authz decisions:  curl -s http://{}/metrics | grep trellis_authz",
+        admins[4].1
+    );
     println!(
         "  the frontend (through its proxy):   curl http://{}/",
         frontend.inbound
