@@ -256,10 +256,7 @@ fn http_route(
         .spec
         .parent_refs
         .iter()
-        .filter(|p| {
-            p.kind.as_deref() == Some("Service")
-                && matches!(p.group.as_deref(), None | Some("") | Some("core"))
-        })
+        .filter(|p| p.is_service())
         .map(|p| fqdn(&p.name, p.namespace.as_deref().unwrap_or(ns)))
         .collect();
     if services.is_empty() {

@@ -71,6 +71,15 @@ pub struct ParentReference {
     pub port: Option<u32>,
 }
 
+impl ParentReference {
+    /// Whether the parent is a Service (`group: ""` or `core`, `kind: Service`): the route
+    /// is for the mesh (GAMMA), not for a Gateway (the default kind).
+    pub fn is_service(&self) -> bool {
+        self.kind.as_deref() == Some("Service")
+            && matches!(self.group.as_deref(), None | Some("") | Some("core"))
+    }
+}
+
 /// One rule.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -246,8 +246,7 @@ impl Forwarder {
             Decision::Answer(r) => r.cors.as_ref(),
             Decision::NoRoute => None,
         };
-        let cors = cors.map(|c| (c, parts.headers.clone()));
-        if let Some((c, _)) = &cors {
+        if let Some(c) = cors {
             if let Preflight::Answer(headers) = c.preflight(&parts.method, &parts.headers) {
                 let mut ex = local_exchange(&vhost.cluster, &client, start);
                 ex.status = 200;
@@ -256,9 +255,11 @@ impl Forwarder {
                 return resp;
             }
         }
+        // Only the allowed origin is kept for the response, not the request's headers.
+        let cors = cors.and_then(|c| Some((c, c.allowed_origin(&parts.headers)?.clone())));
         let decorate = |mut resp: Response<ResponseBody>| {
-            if let Some((c, request)) = &cors {
-                c.decorate(request, resp.headers_mut());
+            if let Some((c, origin)) = &cors {
+                c.decorate(origin, resp.headers_mut());
             }
             resp
         };

@@ -87,7 +87,7 @@ impl Cors {
     }
 
     /// The request's origin, if the policy allows it.
-    fn allowed_origin<'h>(&self, headers: &'h HeaderMap) -> Option<&'h HeaderValue> {
+    pub fn allowed_origin<'h>(&self, headers: &'h HeaderMap) -> Option<&'h HeaderValue> {
         let origin = headers.get(ORIGIN)?;
         let text = origin.to_str().ok()?;
         self.origins
@@ -131,12 +131,9 @@ impl Cors {
         Preflight::Answer(out)
     }
 
-    /// Adds the CORS headers of an actual request from `origin` (the request's `Origin`, kept
-    /// from before it was forwarded) to its response, when the origin is allowed.
-    pub fn decorate(&self, request: &HeaderMap, response: &mut HeaderMap) {
-        let Some(origin) = self.allowed_origin(request) else {
-            return;
-        };
+    /// Adds the CORS headers of an actual request to its response; `origin` is the request's
+    /// allowed origin ([`Cors::allowed_origin`], kept from before it was forwarded).
+    pub fn decorate(&self, origin: &HeaderValue, response: &mut HeaderMap) {
         response.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
         if self.credentials {
             response.insert(
@@ -220,20 +217,33 @@ mod tests {
     #[test]
     fn responses_to_allowed_origins_are_decorated() {
         let c = cors(POLICY);
+        let decorate = |c: &Cors, request: &HeaderMap, resp: &mut HeaderMap| {
+            if let Some(origin) = c.allowed_origin(request) {
+                c.decorate(origin, resp);
+            }
+        };
         let mut resp = HeaderMap::new();
-        c.decorate(&headers(&[("origin", "https://app.example")]), &mut resp);
+        decorate(
+            &c,
+            &headers(&[("origin", "https://app.example")]),
+            &mut resp,
+        );
         assert_eq!(resp["access-control-allow-origin"], "https://app.example");
         assert_eq!(resp["access-control-expose-headers"], "x-request-id");
         assert_eq!(resp["access-control-allow-credentials"], "true");
         for other in [vec![("origin", "https://app.example.evil")], vec![]] {
             let mut resp = HeaderMap::new();
-            c.decorate(&headers(&other), &mut resp);
+            decorate(&c, &headers(&other), &mut resp);
             assert!(resp.is_empty(), "{other:?}: {resp:?}");
         }
         // `*` (exact, or in the deprecated list) allows any origin.
         for any in ["allowOrigins: [{ exact: \"*\" }]", "allowOrigin: [\"*\"]"] {
             let mut resp = HeaderMap::new();
-            cors(any).decorate(&headers(&[("origin", "https://x.example")]), &mut resp);
+            decorate(
+                &cors(any),
+                &headers(&[("origin", "https://x.example")]),
+                &mut resp,
+            );
             assert_eq!(
                 resp["access-control-allow-origin"], "https://x.example",
                 "{any}"

@@ -51,11 +51,6 @@ fn rank(m: &HttpRouteMatch) -> Rank {
     )
 }
 
-/// Whether a parent reference is a Service (GAMMA) rather than a Gateway.
-fn is_service(group: Option<&str>, kind: Option<&str>) -> bool {
-    kind == Some("Service") && matches!(group, None | Some("") | Some("core"))
-}
-
 /// The routes of every service some HTTPRoute attaches to, ordered by precedence.
 /// `resolve(name, namespace)` names the service; `cluster_for` gives its cluster.
 pub(super) fn compile(
@@ -74,7 +69,7 @@ pub(super) fn compile(
             .spec
             .parent_refs
             .iter()
-            .filter(|p| is_service(p.group.as_deref(), p.kind.as_deref()))
+            .filter(|p| p.is_service())
             .filter_map(|p| resolve(&p.name, p.namespace.as_deref().unwrap_or(ns)))
             .collect();
         if parents.is_empty() {

@@ -398,11 +398,11 @@ impl Route {
         match prefix {
             Some((p, false)) if path.starts_with(p) => format!("{new}{}", &path[p.len()..]),
             Some((p, true)) if path.starts_with(p) => {
-                let rest = &path[p.len()..];
-                let joined = match (new.ends_with('/'), rest.strip_prefix('/')) {
-                    (true, Some(rest)) => format!("{new}{rest}"),
-                    _ => format!("{new}{rest}"),
-                };
+                let mut rest = &path[p.len()..];
+                if new.ends_with('/') {
+                    rest = rest.strip_prefix('/').unwrap_or(rest);
+                }
+                let joined = format!("{new}{rest}");
                 if joined.is_empty() {
                     "/".into()
                 } else {
