@@ -2,6 +2,9 @@
 //!
 //! - `authz/*`: [`Authz::decide`] for a workload with 50 `AuthorizationPolicy` resources
 //!   (10 DENY, 40 ALLOW) and [`path::normalize`];
+//! - `inbound/*`: the whole inbound policy step ([`Inbound::check_request`]: path
+//!   normalization, authorization, counting) for a plain `GET /` as `wrk` sends it, with no
+//!   policy and with the ten policies of the proxy bench's `trellis-authz10` row;
 //! - `route/*`: [`VirtualHost::decide`] over a VirtualService with 1,000 `http` routes, and
 //!   over one with a single route for comparison.
 //!
@@ -18,7 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use trellis_api::names::ServiceKey;
 use trellis_api::resources::{parse, AuthorizationPolicy, Loaded, Resource};
+use trellis_proxy::http::forward::ClientConn;
 use trellis_proxy::policy::authz::{Authz, HttpAttrs, RequestAttrs};
+use trellis_proxy::policy::inbound::Inbound;
 use trellis_proxy::policy::path;
 use trellis_proxy::route::compile::{compile, ClusterSpec};
 use trellis_proxy::route::matcher::{MatchContext, Source};
@@ -186,6 +191,90 @@ fn bench_authz(c: &mut Criterion) {
     g.finish();
 }
 
+/// The policies of `bench/lib.sh`'s `write_trellis_authz`: nine DENY policies, each on two
+/// paths or a header, and one ALLOW for GET and HEAD on every path, so that a plain `GET /`
+/// evaluates all ten.
+fn bench_row_policies() -> Vec<AuthorizationPolicy> {
+    let mut text = String::new();
+    for i in 1..=9 {
+        text += &format!(
+            "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{ name: deny-{i}, namespace: default }}
+spec:
+  action: DENY
+  rules:
+  - to: [{{ operation: {{ paths: [\"/admin/{i}/*\", \"/internal/{i}\"] }} }}]
+  - when: [{{ key: \"request.headers[x-blocked-{i}]\", values: [\"yes\"] }}]
+---
+"
+        );
+    }
+    text += "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: allow-reads, namespace: default }
+spec:
+  action: ALLOW
+  rules:
+  - to: [{ operation: { methods: [GET, HEAD], paths: [\"/*\"] } }]
+";
+    let (loaded, errors) = parse(Path::new("bench-row.yaml"), &text);
+    assert!(errors.is_empty(), "{errors:?}");
+    loaded
+        .into_iter()
+        .filter_map(|l| match l.resource {
+            Resource::AuthorizationPolicy(p) => Some(p),
+            _ => None,
+        })
+        .collect()
+}
+
+fn bench_inbound(c: &mut Criterion) {
+    let metrics = Metrics::new();
+    let client = ClientConn {
+        addr: "127.0.0.1:40000".parse().unwrap(),
+        source: Peer::new("unknown", "unknown"),
+        tls: false,
+        identity: None,
+        local: Some("127.0.0.1:8080".parse().unwrap()),
+        principal: Default::default(),
+    };
+    let request = || {
+        http::Request::get("/")
+            .header("host", "127.0.0.1:8080")
+            .body(())
+            .unwrap()
+    };
+    let none = Inbound::default();
+    let ten = Inbound {
+        authz: Authz::compile(
+            &bench_row_policies(),
+            "default",
+            &BTreeMap::new(),
+            "istio-system",
+        ),
+        ..Inbound::default()
+    };
+    let mut denied = request();
+    denied
+        .headers_mut()
+        .insert("x-blocked-9", HeaderValue::from_static("yes"));
+    assert!(ten.check_request(&mut denied, &client, &metrics).is_err());
+    let mut g = c.benchmark_group("inbound");
+    for (name, inbound) in [("no_policies", &none), ("ten_policies", &ten)] {
+        let mut req = request();
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let ok = inbound
+                    .check_request(black_box(&mut req), &client, &metrics)
+                    .is_ok();
+                assert!(ok)
+            })
+        });
+    }
+    g.finish();
+}
+
 /// A VirtualService for `catalog` with `n` routes: `/svc-<i>/` prefixes, every tenth (from
 /// the sixth) also requiring `x-version: v2`.
 fn virtual_service(n: usize) -> Vec<Loaded> {
@@ -344,5 +433,5 @@ fn bench_routes(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_authz, bench_routes);
+criterion_group!(benches, bench_authz, bench_inbound, bench_routes);
 criterion_main!(benches);

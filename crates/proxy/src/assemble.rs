@@ -296,6 +296,7 @@ pub fn assemble(
             jwt,
             default_deny: mesh.default_deny,
             ratelimits,
+            counters: Default::default(),
         },
         listeners,
     })

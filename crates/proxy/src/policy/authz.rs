@@ -157,6 +157,9 @@ pub struct Decision {
     pub policy: Option<Arc<str>>,
     /// The AUDIT policies that matched (`namespace/name`), for the access log.
     pub audit: Vec<Arc<str>>,
+    /// The deciding policy's position among the workload's policies (below
+    /// [`Authz::len`]): a key for per-policy state such as its decision counter.
+    pub slot: Option<usize>,
 }
 
 impl Decision {
@@ -186,6 +189,8 @@ pub struct Authz {
     deny: Vec<Policy>,
     allow: Vec<Policy>,
     audit: Vec<Policy>,
+    /// The request headers the policies' conditions read.
+    headers: HeaderTable,
 }
 
 impl Authz {
@@ -206,12 +211,11 @@ impl Authz {
                 .cmp(&(b.metadata.namespace(), &b.metadata.name))
         });
         let mut authz = Authz::default();
-        for p in applicable {
+        for (slot, p) in applicable.into_iter().enumerate() {
             let name: Arc<str> = format!("{}/{}", p.metadata.namespace(), p.metadata.name).into();
-            let (list, lenient) = match p.spec.action {
-                Action::Allow => (&mut authz.allow, false),
-                Action::Deny => (&mut authz.deny, true),
-                Action::Audit => (&mut authz.audit, true),
+            let lenient = match p.spec.action {
+                Action::Allow => false,
+                Action::Deny | Action::Audit => true,
                 Action::Custom => {
                     tracing::warn!(policy = %name, "CUSTOM authorization policies are not supported; skipped");
                     continue;
@@ -228,11 +232,17 @@ impl Authz {
                         rule: i,
                         lenient,
                         broken: false,
+                        headers: &mut authz.headers,
                     }
                     .rule(r)
                 })
                 .collect();
-            list.push(Policy { name, rules });
+            let list = match p.spec.action {
+                Action::Allow => &mut authz.allow,
+                Action::Deny => &mut authz.deny,
+                _ => &mut authz.audit,
+            };
+            list.push(Policy { name, slot, rules });
         }
         authz
     }
@@ -242,42 +252,132 @@ impl Authz {
         self.deny.is_empty() && self.allow.is_empty() && self.audit.is_empty()
     }
 
+    /// How many policies apply (the bound of [`Decision::slot`]).
+    pub fn len(&self) -> usize {
+        self.deny.len() + self.allow.len() + self.audit.len()
+    }
+
+    /// The policy at `slot` (`namespace/name`) and the action label its decisions carry
+    /// (`deny`, `allow`, `audit`).
+    pub fn policy<'a>(&'a self, slot: usize) -> Option<(&'static str, &'a Arc<str>)> {
+        let labelled =
+            |action: &'static str, list: &'a [Policy]| list.iter().map(move |p| (action, p));
+        labelled("deny", &self.deny)
+            .chain(labelled("allow", &self.allow))
+            .chain(labelled("audit", &self.audit))
+            .find(|(_, p)| p.slot == slot)
+            .map(|(action, p)| (action, &p.name))
+    }
+
     /// Judges one request or connection.
     pub fn decide(&self, req: &RequestAttrs<'_>) -> Decision {
+        let req = &Request {
+            attrs: req,
+            headers: req.http.map_or(0, |h| self.headers.present(h.headers)),
+        };
         let audit = self
             .audit
             .iter()
             .filter(|p| p.matches(req, true))
             .map(|p| p.name.clone())
             .collect();
-        let (allowed, policy) = if let Some(p) = self.deny.iter().find(|p| p.matches(req, true)) {
-            (false, Some(p.name.clone()))
+        let decided = if let Some(p) = self.deny.iter().find(|p| p.matches(req, true)) {
+            Some((false, p))
         } else if self.allow.is_empty() {
-            (true, None)
+            None
         } else {
             match self.allow.iter().find(|p| p.matches(req, false)) {
-                Some(p) => (true, Some(p.name.clone())),
-                None => (false, None),
+                Some(p) => Some((true, p)),
+                None => {
+                    return Decision {
+                        allowed: false,
+                        action: Action::Deny,
+                        policy: None,
+                        audit,
+                        slot: None,
+                    }
+                }
             }
         };
+        let allowed = decided.is_none_or(|(allowed, _)| allowed);
         Decision {
             allowed,
             action: if allowed { Action::Allow } else { Action::Deny },
-            policy,
+            policy: decided.map(|(_, p)| p.name.clone()),
             audit,
+            slot: decided.map(|(_, p)| p.slot),
         }
+    }
+}
+
+/// A request or connection being judged: its attributes, and which of the headers the
+/// policies read it carries (see [`HeaderTable::present`]).
+struct Request<'r, 'a> {
+    attrs: &'r RequestAttrs<'a>,
+    headers: u64,
+}
+
+/// The request headers that conditions read, each with a bit, so that a request is checked
+/// for all of them in one pass over its own few headers. Most conditions test headers most
+/// requests lack, and a pass that compares lengths first is cheaper than one hash lookup per
+/// condition. Names past the 64th get no bit and are looked up each time.
+#[derive(Clone, Debug, Default)]
+struct HeaderTable {
+    names: Vec<HeaderName>,
+    /// Bit `len % 64` set for the length of every name.
+    lengths: u64,
+}
+
+impl HeaderTable {
+    /// Requests with more distinct header names than this are checked by looking up each
+    /// of the table's names instead (bounding the pass at `SCAN_MAX * 64` comparisons).
+    const SCAN_MAX: usize = 8;
+
+    /// The bit of `name`, added if new and there is room.
+    fn bit(&mut self, name: &HeaderName) -> Option<u8> {
+        let i = match self.names.iter().position(|n| n == name) {
+            Some(i) => i,
+            None if self.names.len() < 64 => {
+                self.names.push(name.clone());
+                self.lengths |= 1 << (name.as_str().len() % 64);
+                self.names.len() - 1
+            }
+            None => return None,
+        };
+        u8::try_from(i).ok()
+    }
+
+    /// The bits of the table's names that `headers` holds.
+    fn present(&self, headers: &HeaderMap) -> u64 {
+        if self.names.is_empty() {
+            return 0;
+        }
+        let bits = |found: &mut dyn Iterator<Item = usize>| found.fold(0, |m, i| m | 1 << i);
+        if headers.keys_len() > Self::SCAN_MAX {
+            return bits(
+                &mut (0..self.names.len()).filter(|&i| headers.contains_key(&self.names[i])),
+            );
+        }
+        bits(&mut headers.keys().filter_map(|name| {
+            if self.lengths & (1 << (name.as_str().len() % 64)) == 0 {
+                return None;
+            }
+            self.names.iter().position(|n| n == name)
+        }))
     }
 }
 
 #[derive(Clone, Debug)]
 struct Policy {
     name: Arc<str>,
+    /// Its position in `namespace/name` order ([`Decision::slot`]).
+    slot: usize,
     rules: Vec<CompiledRule>,
 }
 
 impl Policy {
     /// `lenient`: DENY and AUDIT, where a test that cannot be made counts as matched.
-    fn matches(&self, req: &RequestAttrs<'_>, lenient: bool) -> bool {
+    fn matches(&self, req: &Request<'_, '_>, lenient: bool) -> bool {
         self.rules.iter().any(|r| r.matches(req, lenient))
     }
 }
@@ -297,8 +397,8 @@ struct CompiledRule {
 }
 
 impl CompiledRule {
-    fn matches(&self, req: &RequestAttrs<'_>, lenient: bool) -> bool {
-        if self.broken || (req.http.is_none() && self.needs_http && !lenient) {
+    fn matches(&self, req: &Request<'_, '_>, lenient: bool) -> bool {
+        if self.broken || (req.attrs.http.is_none() && self.needs_http && !lenient) {
             return false;
         }
         let field = |f: &Field| f.eval(req).unwrap_or(lenient);
@@ -316,6 +416,8 @@ struct Compiler<'a> {
     /// the rule (ALLOW: it gets narrower).
     lenient: bool,
     broken: bool,
+    /// The workload's header table, where header conditions get their bits.
+    headers: &'a mut HeaderTable,
 }
 
 impl Compiler<'_> {
@@ -416,7 +518,7 @@ impl Compiler<'_> {
                 let Some(name) = name.filter(|n| !n.is_empty()) else {
                     return self.invalid(key, "header name");
                 };
-                let header = HeaderKey::new(name);
+                let header = HeaderKey::new(name, self.headers);
                 self.set(key, v, nv, str_match)
                     .map(|s| Field::Header(header, s))
             }
@@ -536,37 +638,46 @@ impl Field {
 
     /// Whether the request matches; `None` when it lacks the attribute's data altogether (an
     /// HTTP attribute of a TCP connection, an unknown destination address, Envoy metadata).
-    fn eval(&self, req: &RequestAttrs<'_>) -> Option<bool> {
-        if self.http_only() && req.http.is_none() {
-            return None;
-        }
+    #[inline]
+    fn eval(&self, request: &Request<'_, '_>) -> Option<bool> {
+        let req = request.attrs;
         let jwt = req.jwt;
         let text = |m: &StrMatch, c: &&str| m.matches(c);
         let ip = |c: &Cidr, a: &IpAddr| c.contains(*a);
         Some(match self {
             Field::SourcePrincipal(s) => s.test(|| req.source_principal, text),
             Field::SourceNamespace(s) => s.test(|| req.source_namespace, |g, c| g.matches(c)),
-            Field::SourceIp(s) => s.test(|| Some(req.source_ip), ip),
-            Field::RemoteIp(s) => s.test(|| Some(req.remote_ip), ip),
-            Field::DestinationIp(s) => {
-                let dst = req.destination_ip?;
-                s.test(|| Some(dst), ip)
+            Field::SourceIp(s) => s.one(req.source_ip, ip),
+            Field::RemoteIp(s) => s.one(req.remote_ip, ip),
+            Field::DestinationIp(s) => s.one(req.destination_ip?, ip),
+            Field::DestinationPort(s) => s.one(req.destination_port, |p, q| p == q),
+            Field::Host(s) => s.one(req.http?.host, text),
+            Field::Method(s) => s.one(req.http?.method, text),
+            Field::Path(s) => s.one(req.http?.path, |m, p| m.matches(p)),
+            Field::Header(key, s) => key.test(s, &req.http?, request.headers),
+            // The JWT is an HTTP attribute too: on a TCP connection these have no data.
+            Field::RequestPrincipal(s) => {
+                req.http?;
+                s.test(|| jwt.map(|j| j.principal.as_str()), text)
             }
-            Field::DestinationPort(s) => s.test(|| Some(req.destination_port), |p, q| p == q),
-            Field::Host(s) => s.test(|| req.http.map(|h| h.host), text),
-            Field::Method(s) => s.test(|| req.http.map(|h| h.method), text),
-            Field::Path(s) => s.test(|| req.http.map(|h| h.path), |m, p| m.matches(p)),
-            Field::Header(key, s) => key.test(s, &req.http?),
-            Field::RequestPrincipal(s) => s.test(|| jwt.map(|j| j.principal.as_str()), text),
-            Field::Audiences(s) => s.test(
-                || {
-                    jwt.into_iter()
-                        .flat_map(|j| j.audiences.iter().map(String::as_str))
-                },
-                text,
-            ),
-            Field::Presenter(s) => s.test(|| claim(jwt, &["azp"]), text),
-            Field::Claim(names, s) => s.test(|| claim(jwt, names), text),
+            Field::Audiences(s) => {
+                req.http?;
+                s.test(
+                    || {
+                        jwt.into_iter()
+                            .flat_map(|j| j.audiences.iter().map(String::as_str))
+                    },
+                    text,
+                )
+            }
+            Field::Presenter(s) => {
+                req.http?;
+                s.test(|| claim(jwt, &["azp"]), text)
+            }
+            Field::Claim(names, s) => {
+                req.http?;
+                s.test(|| claim(jwt, names), text)
+            }
             Field::Opaque => return None,
         })
     }
@@ -597,6 +708,13 @@ struct Set<M> {
 }
 
 impl<M> Set<M> {
+    /// [`Set::test`] for an attribute with exactly one value.
+    #[inline]
+    fn one<C>(&self, candidate: C, hit: impl Fn(&M, &C) -> bool) -> bool {
+        (self.values.is_empty() || self.values.iter().any(|m| hit(m, &candidate)))
+            && !self.not_values.iter().any(|m| hit(m, &candidate))
+    }
+
     /// Some candidate matches some value (or there are none), and none matches a `not` value.
     /// A request without the attribute has no candidates: `values` fail, `notValues` pass.
     fn test<C, I: IntoIterator<Item = C>>(
@@ -617,7 +735,8 @@ impl<M> Set<M> {
 /// Which request header a `request.headers[...]` condition reads.
 #[derive(Clone, Debug)]
 enum HeaderKey {
-    Name(HeaderName),
+    /// A header, with its bit in the workload's [`HeaderTable`] if it got one.
+    Name(HeaderName, Option<u8>),
     /// `:method`, `:path`, `:authority`: Envoy's pseudo-headers, read from the request line.
     Method,
     Path,
@@ -627,23 +746,33 @@ enum HeaderKey {
 }
 
 impl HeaderKey {
-    fn new(name: &str) -> HeaderKey {
+    fn new(name: &str, table: &mut HeaderTable) -> HeaderKey {
         match name.to_ascii_lowercase().as_str() {
             ":method" => HeaderKey::Method,
             ":path" => HeaderKey::Path,
             ":authority" => HeaderKey::Authority,
-            n => HeaderName::from_bytes(n.as_bytes()).map_or(HeaderKey::Invalid, HeaderKey::Name),
+            n => match HeaderName::from_bytes(n.as_bytes()) {
+                Ok(name) => {
+                    let bit = table.bit(&name);
+                    HeaderKey::Name(name, bit)
+                }
+                Err(_) => HeaderKey::Invalid,
+            },
         }
     }
 
     /// Every value of the header is a candidate, and so is each comma-separated element of a
     /// value (`x-role: a, b` offers `a, b`, `a` and `b`). `*` matches a present header, even
     /// an empty one (Envoy's `present_match`).
-    fn test(&self, set: &Set<StrMatch>, h: &HttpAttrs<'_>) -> bool {
+    /// `present`: the request's bits in the workload's [`HeaderTable`].
+    fn test(&self, set: &Set<StrMatch>, h: &HttpAttrs<'_>, present: u64) -> bool {
         let hit = |m: &StrMatch, c: &&str| matches!(m, StrMatch::Present) || m.matches(c);
         let one = |v: &str| set.test(|| Some(v), hit);
         match self {
-            HeaderKey::Name(name) => set.test(
+            HeaderKey::Name(_, Some(bit)) if present & (1 << bit) == 0 => {
+                set.test(|| None::<&str>, hit)
+            }
+            HeaderKey::Name(name, _) => set.test(
                 || {
                     h.headers.get_all(name).iter().flat_map(|v| {
                         // Non-UTF-8 values are present but match no text.
@@ -690,6 +819,7 @@ impl StrMatch {
         }
     }
 
+    #[inline]
     fn matches(&self, s: &str) -> bool {
         match self {
             StrMatch::Exact(e) => s == e,
@@ -857,6 +987,7 @@ impl PathMatch {
         Some(PathMatch::Template { head, tail })
     }
 
+    #[inline]
     fn matches(&self, path: &str) -> bool {
         let (head, tail) = match self {
             PathMatch::Plain(m) => return m.matches(path),
@@ -1566,6 +1697,47 @@ spec:
         for (template, path, want) in cases {
             let m = PathMatch::parse(template).unwrap();
             assert_eq!(m.matches(path), want, "{template} {path}");
+        }
+    }
+
+    /// Header conditions decide the same whether the request's headers are scanned (few of
+    /// them) or looked up (many), and for names past the table's 64 bits.
+    #[test]
+    fn header_conditions_with_few_many_and_untabled_headers() {
+        let yaml: String = (0..70)
+            .map(|i| {
+                let spec = format!(
+                    "{{ action: DENY, rules: [{{ when: [{{ key: 'request.headers[x-h{i}]', values: [on] }}] }}] }}"
+                );
+                doc(&format!("d{i:02}"), &spec)
+            })
+            .collect();
+        let authz = compile(&yaml);
+        assert_eq!(authz.headers.names.len(), 64);
+        assert_eq!(authz.len(), 70);
+        // Nine other headers: more than a scan takes, so the table's names are looked up.
+        let with = |many: bool, name: &'static str, value: &str| {
+            let mut r = req();
+            for filler in ["a", "b", "c", "d", "e", "f", "g", "h", "i"]
+                .iter()
+                .filter(|_| many)
+            {
+                r = r.header(filler, "x");
+            }
+            assert_eq!(r.headers.keys_len() > HeaderTable::SCAN_MAX, many);
+            r.header(name, value)
+        };
+        for many in [false, true] {
+            for i in [0, 9, 63, 64, 69] {
+                let header: &'static str = format!("x-h{i}").leak();
+                let d = authz.decide(&with(many, header, "on").attrs());
+                assert!(!d.allowed, "{header} many={many}");
+                let want: Arc<str> = format!("app/d{i:02}").into();
+                assert_eq!(d.policy.as_ref(), Some(&want));
+                assert_eq!(authz.policy(d.slot.unwrap()), Some(("deny", &want)));
+                assert!(authz.decide(&with(many, header, "off").attrs()).allowed);
+            }
+            assert!(authz.decide(&with(many, "x-h1x", "on").attrs()).allowed);
         }
     }
 

@@ -267,12 +267,16 @@ impl Metrics {
     /// Counts an authorization decision (`allow`, `deny`, `audit`) of `policy` (empty: the
     /// default decision, no policy matched).
     pub fn authz_decision(&self, action: &'static str, policy: Option<&Arc<str>>) {
+        self.authz_counter(action, policy).inc();
+    }
+
+    /// The counter of [`Metrics::authz_decision`], for callers that keep it.
+    pub fn authz_counter(&self, action: &'static str, policy: Option<&Arc<str>>) -> Counter {
         static DEFAULT: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
         let policy = policy.unwrap_or(&DEFAULT).clone();
         self.families
             .authz
-            .get_or_create(&AuthzLabels { action, policy })
-            .inc();
+            .get_or_create_owned(&AuthzLabels { action, policy })
     }
 
     /// Counts a request refused by the rate limit `limit` (`namespace/name[/limit]`).
