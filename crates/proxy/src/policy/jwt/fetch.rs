@@ -82,7 +82,7 @@ impl Fetcher {
         match source {
             JwksSource::File(path) => {
                 let path = path.clone();
-                let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
+                let bytes = tokio::task::spawn_blocking(move || read_at_most(&path))
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
@@ -112,6 +112,17 @@ impl Fetcher {
             .map_err(|e| e.to_string())??;
         Ok(self.web_pki.get_or_init(|| loaded).clone())
     }
+}
+
+/// The file at `path`, or its first `MAX_JWKS_BYTES + 1` bytes if it is longer: enough to
+/// refuse it without reading a huge (or endless, like `/dev/zero`) file whole.
+fn read_at_most(path: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_JWKS_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// A TLS client trusting the system's roots (or `SSL_CERT_FILE` / `SSL_CERT_DIR`), speaking

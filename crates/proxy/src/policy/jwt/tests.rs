@@ -1129,6 +1129,16 @@ async fn jwks_from_a_file() {
     let _ = std::fs::remove_file(path);
 }
 
+/// A JWKS file is read only up to the size limit: an endless one is refused, not read whole.
+#[tokio::test]
+async fn an_endless_jwks_file_is_refused_at_the_size_limit() {
+    let fetcher = fetch::Fetcher::new(None);
+    let source = fetch::JwksSource::parse("file:///dev/zero").unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(10), fetcher.fetch(&source)).await;
+    let error = read.expect("read stops at the limit").unwrap_err();
+    assert!(error.contains("larger than 1048576 bytes"), "{error}");
+}
+
 proptest::proptest! {
     #[test]
     fn arbitrary_tokens_never_panic(token in "[ -~]{0,200}", query in "[ -~]{0,100}") {
