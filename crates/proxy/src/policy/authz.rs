@@ -71,7 +71,8 @@ pub struct RequestAttrs<'a> {
 pub struct HttpAttrs<'a> {
     /// The method, as sent (matching is case-sensitive, as in Istio).
     pub method: &'a str,
-    /// The authority as [`normalize_host`] returns it.
+    /// The authority as [`normalize_host`] returns it; callers may leave it empty when
+    /// [`Authz::reads_host`] says no policy reads it.
     pub host: &'a str,
     /// The path as [`super::path::normalize`] returns it. Matching assumes this form, and the
     /// application should be sent the same path.
@@ -191,6 +192,8 @@ pub struct Authz {
     audit: Vec<Policy>,
     /// The request headers the policies' conditions read.
     headers: HeaderTable,
+    /// Whether any policy tests the host (`hosts`, `request.headers[:authority]`).
+    reads_host: bool,
 }
 
 impl Authz {
@@ -221,7 +224,7 @@ impl Authz {
                     continue;
                 }
             };
-            let rules = p
+            let rules: Vec<CompiledRule> = p
                 .spec
                 .rules
                 .iter()
@@ -242,6 +245,7 @@ impl Authz {
                 Action::Deny => &mut authz.deny,
                 _ => &mut authz.audit,
             };
+            authz.reads_host |= rules.iter().any(CompiledRule::reads_host);
             list.push(Policy { name, slot, rules });
         }
         authz
@@ -250,6 +254,12 @@ impl Authz {
     /// Whether no policy applies (every request is allowed).
     pub fn is_empty(&self) -> bool {
         self.deny.is_empty() && self.allow.is_empty() && self.audit.is_empty()
+    }
+
+    /// Whether any policy tests the request's host: if not, [`HttpAttrs::host`] need not be
+    /// worked out.
+    pub fn reads_host(&self) -> bool {
+        self.reads_host
     }
 
     /// How many policies apply (the bound of [`Decision::slot`]).
@@ -382,29 +392,48 @@ impl Policy {
     }
 }
 
+/// A rule: every field of `all`, and one of the alternatives of each of `any_from` and
+/// `any_to` that has any. A lone source or operation (the usual case) needs all its fields,
+/// so they join the conditions in `all`, cheapest first.
 #[derive(Clone, Debug)]
 struct CompiledRule {
-    /// Sources, any of which must match (none: any source); each all of its fields.
-    from: Vec<Vec<Field>>,
-    /// Operations, likewise.
-    to: Vec<Vec<Field>>,
-    /// Conditions, all of which must match.
-    when: Vec<Field>,
+    all: Vec<Field>,
+    /// Sources when there are several, any of which must match; each all of its fields.
+    any_from: Vec<Vec<Field>>,
+    /// Operations when there are several, likewise.
+    any_to: Vec<Vec<Field>>,
     /// Tests an HTTP attribute somewhere.
     needs_http: bool,
+    /// The [`HeaderTable`] bits of the headers an HTTP request must have to match: those
+    /// `all` tests for `values`. Checked first, as most requests lack them.
+    required_headers: u64,
     /// Unusable (unknown condition key, or an invalid value in an ALLOW rule): never matches.
     broken: bool,
 }
 
 impl CompiledRule {
+    fn reads_host(&self) -> bool {
+        let host = |f: &Field| matches!(f, Field::Host(_) | Field::Header(HeaderKey::Authority, _));
+        self.all
+            .iter()
+            .chain(self.any_from.iter().flatten())
+            .chain(self.any_to.iter().flatten())
+            .any(host)
+    }
+
+    #[inline]
     fn matches(&self, req: &Request<'_, '_>, lenient: bool) -> bool {
         if self.broken || (req.attrs.http.is_none() && self.needs_http && !lenient) {
             return false;
         }
+        if req.attrs.http.is_some() && self.required_headers & !req.headers != 0 {
+            return false;
+        }
         let field = |f: &Field| f.eval(req).unwrap_or(lenient);
-        (self.from.is_empty() || self.from.iter().any(|s| s.iter().all(field)))
-            && (self.to.is_empty() || self.to.iter().any(|o| o.iter().all(field)))
-            && self.when.iter().all(field)
+        let any = |alternatives: &[Vec<Field>]| {
+            alternatives.is_empty() || alternatives.iter().any(|a| a.iter().all(field))
+        };
+        self.all.iter().all(field) && any(&self.any_from) && any(&self.any_to)
     }
 }
 
@@ -446,11 +475,28 @@ impl Compiler<'_> {
             .flatten()
             .chain(&when)
             .any(Field::http_only);
+        let mut all = when;
+        let mut alternatives = |mut list: Vec<Vec<Field>>| {
+            if list.len() == 1 {
+                all.append(&mut list[0]);
+                list.clear();
+            }
+            list
+        };
+        let (any_from, any_to) = (alternatives(from), alternatives(to));
+        all.sort_by_key(Field::cost);
+        let required_headers = all.iter().fold(0, |bits, f| match f {
+            Field::Header(HeaderKey::Name(_, Some(bit)), set) if !set.values.is_empty() => {
+                bits | 1 << bit
+            }
+            _ => bits,
+        });
         CompiledRule {
-            from,
-            to,
-            when,
+            all,
+            any_from,
+            any_to,
             needs_http,
+            required_headers,
             broken: self.broken,
         }
     }
@@ -634,6 +680,19 @@ impl Field {
                 | Field::Presenter(_)
                 | Field::Claim(..)
         )
+    }
+
+    /// A rank of how much testing the field costs, for testing cheap ones first.
+    fn cost(&self) -> u8 {
+        match self {
+            Field::DestinationPort(_) | Field::Method(_) => 0,
+            Field::SourcePrincipal(_) | Field::RequestPrincipal(_) | Field::Host(_) => 1,
+            Field::Path(_) | Field::SourceNamespace(_) => 2,
+            Field::SourceIp(_) | Field::RemoteIp(_) | Field::DestinationIp(_) => 2,
+            // A lookup and a split into elements when the request has the header.
+            Field::Header(..) => 3,
+            Field::Audiences(_) | Field::Presenter(_) | Field::Claim(..) | Field::Opaque => 4,
+        }
     }
 
     /// Whether the request matches; `None` when it lacks the attribute's data altogether (an

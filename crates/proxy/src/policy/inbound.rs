@@ -106,7 +106,10 @@ impl Inbound {
         if self.authz.is_empty() && !self.default_deny {
             return self.rate_limit(req, &matched, metrics);
         }
-        let host = super::authz::normalize_host(authority_of(req).unwrap_or_default());
+        let host = match self.authz.reads_host() {
+            true => super::authz::normalize_host(authority_of(req).unwrap_or_default()),
+            false => std::borrow::Cow::Borrowed(""),
+        };
         let principal = client.principal();
         let http = HttpAttrs {
             method: req.method().as_str(),
@@ -303,19 +306,8 @@ mod tests {
         assert_eq!(r.headers()["x-trellis-error"], "rate-limited");
     }
 
-    /// Each decision lands on its own `(action, policy)` series, including the defaults.
-    #[test]
-    fn decisions_are_counted_per_policy() {
-        let yaml = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: { name: d, namespace: app }
-spec: { action: DENY, rules: [{ to: [{ operation: { paths: [/admin] } }] }] }
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: { name: a, namespace: app }
-spec: { action: ALLOW, rules: [{ to: [{ operation: { methods: [GET] } }] }] }
-";
+    /// The policies of `yaml` (in namespace `app`), compiled for a workload there.
+    fn authz(yaml: &str) -> Authz {
         let (loaded, errors) = trellis_api::resources::parse(std::path::Path::new("t"), yaml);
         assert!(errors.is_empty(), "{errors:?}");
         let policies: Vec<_> = loaded
@@ -325,16 +317,37 @@ spec: { action: ALLOW, rules: [{ to: [{ operation: { methods: [GET] } }] }] }
                 _ => None,
             })
             .collect();
-        let authz = Authz::compile(&policies, "app", &Default::default(), "istio-system");
-        let metrics = Metrics::new();
-        let client = ClientConn {
+        Authz::compile(&policies, "app", &Default::default(), "istio-system")
+    }
+
+    fn plaintext_client() -> ClientConn {
+        ClientConn {
             addr: "127.0.0.1:1000".parse().unwrap(),
             source: crate::telemetry::metrics::Peer::new("unknown", "unknown"),
             tls: false,
             identity: None,
             local: Some("127.0.0.1:8080".parse().unwrap()),
             principal: Default::default(),
-        };
+        }
+    }
+
+    /// Each decision lands on its own `(action, policy)` series, including the defaults.
+    #[test]
+    fn decisions_are_counted_per_policy() {
+        let authz = authz(
+            "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: d, namespace: app }
+spec: { action: DENY, rules: [{ to: [{ operation: { paths: [/admin] } }] }] }
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: a, namespace: app }
+spec: { action: ALLOW, rules: [{ to: [{ operation: { methods: [GET] } }] }] }
+",
+        );
+        let metrics = Metrics::new();
+        let client = plaintext_client();
         let check = |inbound: &Inbound, method: &str, path: &str| {
             let mut req = Request::builder()
                 .method(method)
@@ -370,6 +383,41 @@ spec: { action: ALLOW, rules: [{ to: [{ operation: { methods: [GET] } }] }] }
             r#"trellis_authz_decisions_total{action="deny",policy="mesh/default-deny"} 1"#,
         ] {
             assert!(text.contains(series), "{series} not in\n{text}");
+        }
+    }
+
+    /// Policies on hosts see the request's host (Host header or absolute URI), normalized.
+    #[test]
+    fn host_policies_see_the_normalized_host() {
+        let inbound = Inbound {
+            authz: authz(
+                "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: a, namespace: app }
+spec:
+  action: ALLOW
+  rules:
+  - to: [{ operation: { hosts: [api.example.com] } }]
+  - when: [{ key: 'request.headers[:authority]', values: ['*.internal'] }]
+",
+            ),
+            ..Inbound::default()
+        };
+        let (metrics, client) = (Metrics::new(), plaintext_client());
+        for (uri, host, allowed) in [
+            ("/", "API.Example.com.:8080", true),
+            ("http://api.example.com/", "", true),
+            ("/", "db.internal", true),
+            ("/", "example.com", false),
+            ("/", "", false),
+        ] {
+            let mut req = Request::builder().uri(uri);
+            if !host.is_empty() {
+                req = req.header("host", host);
+            }
+            let mut req = req.body(()).unwrap();
+            let ok = inbound.check_request(&mut req, &client, &metrics).is_ok();
+            assert_eq!(ok, allowed, "{uri} host {host:?}");
         }
     }
 
