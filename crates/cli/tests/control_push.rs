@@ -312,6 +312,21 @@ async fn proxies_discover_each_other_and_get_their_config_within_a_second() {
         .join("\n"),
     )
     .unwrap();
+    // A namespace-wide DENY on paths names no port: it reaches the ledger's TCP port too.
+    std::fs::write(
+        authz.join("no-admin.yaml"),
+        [
+            "apiVersion: security.istio.io/v1",
+            "kind: AuthorizationPolicy",
+            "metadata: { name: no-admin, namespace: edtech }",
+            "spec:",
+            "  action: DENY",
+            "  rules:",
+            "  - to: [{ operation: { paths: [\"/admin*\"] } }]",
+        ]
+        .join("\n"),
+    )
+    .unwrap();
     let authz = authz.to_str().unwrap();
     let (code, out, _) = control.cli(&["analyze", authz]);
     assert_eq!((code, out.as_str()), (Some(0), "0 errors, 0 warnings\n"));
@@ -321,6 +336,15 @@ async fn proxies_discover_each_other_and_get_their_config_within_a_second() {
         out.contains("warning[http-on-tcp-port]")
             && out.contains("(inbound port of registered workload ledger.edtech)")
             && out.contains("never allows a connection on it"),
+        "{out}"
+    );
+    let portless = format!(
+        "AuthorizationPolicy/edtech/no-admin: spec.rules[0]: the rule names no port, so it also applies to TCP port {} (inbound port of registered workload ledger.edtech)",
+        ledger.inbound.port()
+    );
+    assert!(
+        out.contains(&portless)
+            && out.contains("this DENY rule denies every connection to the port"),
         "{out}"
     );
 }

@@ -17,6 +17,13 @@
 //! registry (`trellis analyze --registered`), a port also counts as TCP when a registered
 //! workload the policy selects has it as a `tcp` inbound port and none it selects has it with
 //! another protocol.
+//!
+//! A rule that names no port (no `to`, or an operation without `ports`) applies to every port
+//! of the workloads it selects, TCP ones included: the classic case is a namespace-wide DENY
+//! on `/admin` that also closes every connection to a database in the namespace. Those are
+//! reported with `--registered` only, for the selected workloads' `tcp` inbound ports (minus
+//! the operation's `notPorts`): a ServiceEntry's TCP port says what a host serves, often a
+//! host outside the mesh, not what a workload the policy selects listens on.
 
 use super::{finding, object, Finding, Level, RegisteredWorkload};
 use crate::resources::authorization_policy::{Action, Rule};
@@ -46,28 +53,61 @@ pub fn check(loaded: &[Loaded], registered: Option<&[RegisteredWorkload]>, out: 
         let Resource::AuthorizationPolicy(p) = &l.resource else {
             continue;
         };
-        let consequence = match p.spec.action {
-            Action::Allow => "an ALLOW rule testing HTTP attributes never matches a TCP connection, so this rule never allows a connection on it",
-            Action::Deny => "on a TCP connection the HTTP tests are ignored and the rest of the rule decides, so this DENY rule denies every connection to the port that its other fields match, whatever the requests inside",
-            Action::Audit => "on a TCP connection the HTTP tests are ignored and the rest of the rule decides, so this AUDIT rule audits every connection to the port that its other fields match",
-            Action::Custom => continue,
+        let consequence = |ports: &str| {
+            match p.spec.action {
+            Action::Allow => format!("an ALLOW rule testing HTTP attributes never matches a TCP connection, so this rule never allows a connection on {}", if ports == "the port" { "it" } else { "them" }),
+            Action::Deny => format!("on a TCP connection the HTTP tests are ignored and the rest of the rule decides, so this DENY rule denies every connection to {ports} that its other fields match, whatever the requests inside"),
+            Action::Audit => format!("on a TCP connection the HTTP tests are ignored and the rest of the rule decides, so this AUDIT rule audits every connection to {ports} that its other fields match"),
+            Action::Custom => String::new(),
+        }
         };
+        if p.spec.action == Action::Custom {
+            continue;
+        }
         let namespace = p.metadata.namespace();
+        let everywhere = namespace == root;
+        let selected_tcp = registered_tcp_ports(registered, p, everywhere);
         for (i, rule) in p.spec.rules.iter().enumerate() {
             let http = http_attributes(rule);
             if http.is_empty() {
                 continue;
+            }
+            let reached = portless_reach(rule, &selected_tcp);
+            if !reached.is_empty() {
+                let (numbers, by): (Vec<String>, Vec<&str>) = reached
+                    .iter()
+                    .map(|(n, by)| (n.to_string(), by.as_str()))
+                    .unzip();
+                let mut workloads: Vec<&str> = Vec::new();
+                for b in by {
+                    if !workloads.contains(&b) {
+                        workloads.push(b);
+                    }
+                }
+                let (ports, these) = match numbers.len() {
+                    1 => (format!("TCP port {}", numbers[0]), "the port"),
+                    _ => (format!("TCP ports {}", numbers.join(", ")), "these ports"),
+                };
+                out.push(finding(
+                    l,
+                    Level::Warning,
+                    "http-on-tcp-port",
+                    format!(
+                        "spec.rules[{i}]: the rule names no port, so it also applies to {ports} ({}), but it tests HTTP attributes ({}), which a TCP connection does not have: {}",
+                        workloads.join("; "),
+                        http.join(", "),
+                        consequence(these)
+                    ),
+                ));
             }
             for (j, to) in rule.to.iter().flatten().enumerate() {
                 for (k, port) in to.operation.ports.iter().enumerate() {
                     let Ok(number) = port.trim().parse::<u32>() else {
                         continue;
                     };
-                    let everywhere = namespace == root;
                     let Some(declared_by) = ports
                         .declared_tcp(namespace, number, everywhere)
-                        .map(str::to_string)
-                        .or_else(|| registered_tcp(registered, p, number, everywhere))
+                        .or_else(|| selected_tcp.get(&number).map(String::as_str))
                     else {
                         continue;
                     };
@@ -76,8 +116,9 @@ pub fn check(loaded: &[Loaded], registered: Option<&[RegisteredWorkload]>, out: 
                         Level::Warning,
                         "http-on-tcp-port",
                         format!(
-                            "spec.rules[{i}].to[{j}].operation.ports[{k}]: port {number} is TCP ({declared_by}), but the rule also tests HTTP attributes ({}), which a TCP connection does not have: {consequence}",
-                            http.join(", ")
+                            "spec.rules[{i}].to[{j}].operation.ports[{k}]: port {number} is TCP ({declared_by}), but the rule also tests HTTP attributes ({}), which a TCP connection does not have: {}",
+                            http.join(", "),
+                            consequence("the port")
                         ),
                     ));
                 }
@@ -169,15 +210,14 @@ impl<'a> TcpPorts<'a> {
     }
 }
 
-/// The registered workload `policy` selects that has `port` as a `tcp` inbound port, as
-/// `inbound port of registered workload svc.ns`, unless one it selects has the port with
-/// another protocol.
-fn registered_tcp(
+/// The `tcp` inbound ports of the registered workloads `policy` selects, each with the first
+/// workload having it (`inbound port of registered workload svc.ns`); a port that one of them
+/// serves with another protocol is left out.
+fn registered_tcp_ports(
     registered: &[RegisteredWorkload],
     policy: &AuthorizationPolicy,
-    port: u32,
     everywhere: bool,
-) -> Option<String> {
+) -> BTreeMap<u32, String> {
     let namespace = policy.metadata.namespace();
     let selected = registered.iter().filter(|w| {
         (everywhere || w.namespace == namespace)
@@ -187,16 +227,15 @@ fn registered_tcp(
                 .as_ref()
                 .is_none_or(|s| s.matches(&w.labels))
     });
-    let mut tcp = None;
+    let mut tcp = BTreeMap::new();
+    let mut other = BTreeSet::new();
     for w in selected {
         for (p, protocol) in &w.ports {
-            if u32::from(*p) != port {
+            if protocol != "tcp" {
+                other.insert(u32::from(*p));
                 continue;
             }
-            if protocol != "tcp" {
-                return None;
-            }
-            tcp.get_or_insert_with(|| {
+            tcp.entry(u32::from(*p)).or_insert_with(|| {
                 format!(
                     "inbound port of registered workload {}.{}",
                     w.service, w.namespace
@@ -204,7 +243,28 @@ fn registered_tcp(
             });
         }
     }
+    tcp.retain(|p, _| !other.contains(p));
     tcp
+}
+
+/// The ports of `tcp` a rule reaches through an operation that names no port: all of them
+/// when the rule has no operation, else those an operation without `ports` does not exclude
+/// with `notPorts`.
+fn portless_reach<'t>(rule: &Rule, tcp: &'t BTreeMap<u32, String>) -> Vec<(u32, &'t String)> {
+    let operations: Vec<_> = rule.to.iter().flatten().map(|t| &t.operation).collect();
+    tcp.iter()
+        .filter(|(port, _)| {
+            operations.is_empty()
+                || operations.iter().any(|o| {
+                    o.ports.is_empty()
+                        && !o
+                            .not_ports
+                            .iter()
+                            .any(|n| n.trim().parse::<u32>().ok() == Some(**port))
+                })
+        })
+        .map(|(port, by)| (*port, by))
+        .collect()
 }
 
 /// Whether a ServiceEntry port is plain TCP: protocol `TCP`, or no protocol and a `tcp` /
@@ -325,6 +385,97 @@ mod tests {
                 .replace("protocol: TCP", "protocol: HTTP")
         );
         assert!(run(&format!("{both}{rule}")).is_empty());
+    }
+
+    /// Registered workloads: `svc` in `edtech` with the given inbound ports.
+    fn workload(svc: &str, ports: &[(u16, &str)]) -> RegisteredWorkload {
+        RegisteredWorkload {
+            service: svc.into(),
+            namespace: "edtech".into(),
+            labels: [("app".to_string(), svc.to_string())].into(),
+            ports: ports
+                .iter()
+                .map(|(p, proto)| (*p, proto.to_string()))
+                .collect(),
+        }
+    }
+
+    fn with_registry(text: &str, workloads: Vec<RegisteredWorkload>) -> Vec<super::Finding> {
+        let (ok, errors) = parse(Path::new("x.yaml"), text);
+        let registry = Registry {
+            services: Default::default(),
+            workloads,
+        };
+        analyze_with_registry(&ok, &errors, Some(&registry))
+    }
+
+    #[test]
+    fn rules_naming_no_port_reach_the_selected_workloads_tcp_ports() {
+        let registered = || {
+            vec![
+                workload("redis", &[(6379, "tcp")]),
+                workload("web", &[(8080, "http1")]),
+            ]
+        };
+        let deny = policy(
+            "edtech",
+            "DENY",
+            r#"to: [{ operation: { paths: ["/admin*"] } }]"#,
+        );
+        let f = with_registry(&deny, registered());
+        assert_eq!(codes(&f), ["http-on-tcp-port@2"]);
+        assert_eq!(
+            f[0].message,
+            "spec.rules[0]: the rule names no port, so it also applies to TCP port 6379 (inbound port of registered workload redis.edtech), but it tests HTTP attributes (to[0].operation.paths), which a TCP connection does not have: on a TCP connection the HTTP tests are ignored and the rest of the rule decides, so this DENY rule denies every connection to the port that its other fields match, whatever the requests inside"
+        );
+        assert!(run(&deny).is_empty(), "offline the workloads are unknown");
+        // Two TCP ports, and an ALLOW with only a condition.
+        let allow = policy(
+            "edtech",
+            "ALLOW",
+            r#"when: [{ key: "request.headers[x-team]", values: [core] }]"#,
+        );
+        let mut two = registered();
+        two.push(workload("db", &[(5432, "tcp")]));
+        let f = with_registry(&allow, two);
+        assert_eq!(codes(&f), ["http-on-tcp-port@2"]);
+        assert!(
+            f[0].message.contains("applies to TCP ports 5432, 6379 (inbound port of registered workload db.edtech; inbound port of registered workload redis.edtech)")
+                && f[0].message.ends_with("so this rule never allows a connection on them"),
+            "{}",
+            f[0].message
+        );
+        // Quiet: the port excluded, the rule names the HTTP port, no HTTP attribute, a
+        // selector that leaves the TCP workload out.
+        for quiet in [
+            policy(
+                "edtech",
+                "DENY",
+                r#"to: [{ operation: { notPorts: ["6379"], paths: ["/admin*"] } }]"#,
+            ),
+            policy(
+                "edtech",
+                "DENY",
+                r#"to: [{ operation: { ports: ["8080"], paths: ["/admin*"] } }]"#,
+            ),
+            policy(
+                "edtech",
+                "DENY",
+                r#"from: [{ source: { namespaces: [legacy] } }]"#,
+            ),
+            policy(
+                "edtech",
+                "DENY",
+                r#"to: [{ operation: { paths: ["/admin*"] } }]"#,
+            )
+            .replace(
+                "spec:\n",
+                "spec:\n  selector: { matchLabels: { app: web } }\n",
+            ),
+        ] {
+            let f = with_registry(&quiet, registered());
+            assert!(f.is_empty(), "{quiet}: {f:?}");
+        }
     }
 
     #[test]

@@ -22,7 +22,10 @@
 //! | `path-wildcard` | warning | a path with `*` in the middle (matched literally by Istio) |
 //! | `not-values-empty` | warning | a `when` with `notValues: [""]` |
 //! | `empty-allow` | warning | an ALLOW policy without rules (denies every request) |
-//! | `http-on-tcp-port` | warning | an AuthorizationPolicy rule testing HTTP attributes on a port declared TCP (see [`http_on_tcp`]) |
+//! | `foreign-trust-domain` | warning | a principal in a trust domain other than the mesh's (never matches) |
+//! | `http-on-tcp-port` | warning | an AuthorizationPolicy rule testing HTTP attributes on a port declared TCP, or (with `--registered`) naming no port where a selected workload has a TCP port (see [`http_on_tcp`]) |
+//! | `route-conflict` | warning | an HTTPRoute for a service a VirtualService also routes (the VirtualService wins) |
+//! | `gateway-only-route` | warning | an HTTPRoute with no Service parent (sidecars ignore it) |
 
 pub mod authz;
 pub mod http_on_tcp;
