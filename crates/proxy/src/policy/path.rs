@@ -13,10 +13,11 @@
 //! - runs of `/` are merged, then `.` and `..` segments are removed (RFC 3986 5.2.4);
 //! - the result always starts with `/`; case is kept (paths are case-sensitive).
 //!
-//! `;` is an ordinary character: `/admin;x` stays `/admin;x`, a different path from `/admin`
-//! (Istio matches path parameters literally too, so a rule for `/admin` does not cover it; write
-//! `/admin*` to cover both). The request should be forwarded with the normalized path, so that
-//! the application serves exactly what the policy saw.
+//! `;` is an ordinary character here: `/admin;x` stays `/admin;x`. The inbound policy step
+//! ([`super::inbound`]) then matches policies against the path without `;` parameters, so that
+//! a rule for `/admin` covers `/admin;x` (which many servers take for `/admin`), while the
+//! application receives the normalized path with its parameters. The request should be
+//! forwarded with the normalized path, so that the application serves what the policy saw.
 
 /// Why a path was refused; the request should be rejected (400), not evaluated.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
