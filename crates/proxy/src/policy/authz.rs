@@ -34,6 +34,7 @@
 //! claims match when a string claim, or any string of a list claim, does; other JSON types
 //! match nothing.
 
+use foldhash::HashMap;
 use http::{HeaderMap, HeaderName};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -192,6 +193,8 @@ pub struct Authz {
     audit: Vec<Policy>,
     /// The request headers the policies' conditions read.
     headers: HeaderTable,
+    /// The literal paths the policies' operations test.
+    paths: PathTable,
     /// Whether any policy tests the host (`hosts`, `request.headers[:authority]`).
     reads_host: bool,
 }
@@ -236,6 +239,7 @@ impl Authz {
                         lenient,
                         broken: false,
                         headers: &mut authz.headers,
+                        paths: &mut authz.paths,
                     }
                     .rule(r)
                 })
@@ -284,6 +288,7 @@ impl Authz {
         let req = &Request {
             attrs: req,
             headers: req.http.map_or(0, |h| self.headers.present(h.headers)),
+            paths: req.http.map_or(0, |h| self.paths.matched(h.path)),
         };
         let audit = self
             .audit
@@ -320,11 +325,61 @@ impl Authz {
     }
 }
 
-/// A request or connection being judged: its attributes, and which of the headers the
-/// policies read it carries (see [`HeaderTable::present`]).
+/// A request or connection being judged: its attributes, which of the headers the policies
+/// read it carries (see [`HeaderTable::present`]) and which of their literal paths its path
+/// matches (see [`PathTable::matched`]).
 struct Request<'r, 'a> {
     attrs: &'r RequestAttrs<'a>,
     headers: u64,
+    paths: u64,
+}
+
+/// The exact and prefix path values of the policies' operations, each with a bit, so that a
+/// request's path is matched against all of them at once (one lookup for the exact values,
+/// one per distinct prefix length) and a rule whose path field none of them matches is
+/// skipped on one bit test. Values past the 64th get no bit.
+#[derive(Clone, Debug, Default)]
+struct PathTable {
+    exact: HashMap<Box<[u8]>, u8>,
+    /// Prefix values by length, shortest first.
+    prefixes: BTreeMap<usize, HashMap<Box<[u8]>, u8>>,
+    bits: u8,
+}
+
+impl PathTable {
+    /// The bit of an exact or prefix value, added if new and there is room.
+    fn bit(&mut self, m: &StrMatch) -> Option<u8> {
+        let (map, value) = match m {
+            StrMatch::Exact(e) => (&mut self.exact, e),
+            StrMatch::Prefix(p) => (self.prefixes.entry(p.len()).or_default(), p),
+            StrMatch::Suffix(_) | StrMatch::Present => return None,
+        };
+        if let Some(bit) = map.get(value.as_bytes()) {
+            return Some(*bit);
+        }
+        if self.bits == 64 {
+            return None;
+        }
+        let bit = self.bits;
+        map.insert(value.as_bytes().into(), bit);
+        self.bits += 1;
+        Some(bit)
+    }
+
+    /// The bits of the values `path` matches.
+    fn matched(&self, path: &str) -> u64 {
+        if self.bits == 0 {
+            return 0;
+        }
+        let path = path.as_bytes();
+        let mut bits = self.exact.get(path).map_or(0, |b| 1 << b);
+        for (len, values) in self.prefixes.range(..=path.len()) {
+            if let Some(b) = values.get(&path[..*len]) {
+                bits |= 1 << b;
+            }
+        }
+        bits
+    }
 }
 
 /// The request headers that conditions read, each with a bit, so that a request is checked
@@ -407,6 +462,9 @@ struct CompiledRule {
     /// The [`HeaderTable`] bits of the headers an HTTP request must have to match: those
     /// `all` tests for `values`. Checked first, as most requests lack them.
     required_headers: u64,
+    /// The [`PathTable`] bits of a path field of `all` whose values all have one and which
+    /// has no `notPaths`: an HTTP request whose path matches none of them cannot match.
+    path_guard: Option<u64>,
     /// Unusable (unknown condition key, or an invalid value in an ALLOW rule): never matches.
     broken: bool,
 }
@@ -426,7 +484,10 @@ impl CompiledRule {
         if self.broken || (req.attrs.http.is_none() && self.needs_http && !lenient) {
             return false;
         }
-        if req.attrs.http.is_some() && self.required_headers & !req.headers != 0 {
+        if req.attrs.http.is_some()
+            && (self.required_headers & !req.headers != 0
+                || self.path_guard.is_some_and(|g| g & req.paths == 0))
+        {
             return false;
         }
         let field = |f: &Field| f.eval(req).unwrap_or(lenient);
@@ -447,6 +508,8 @@ struct Compiler<'a> {
     broken: bool,
     /// The workload's header table, where header conditions get their bits.
     headers: &'a mut HeaderTable,
+    /// The workload's path table, where literal path values get their bits.
+    paths: &'a mut PathTable,
 }
 
 impl Compiler<'_> {
@@ -491,12 +554,22 @@ impl Compiler<'_> {
             }
             _ => bits,
         });
+        let path_guard = all.iter().find_map(|f| match f {
+            Field::Path(set) if set.not_values.is_empty() && !set.values.is_empty() => {
+                set.values.iter().try_fold(0u64, |mask, v| match v {
+                    PathMatch::Plain(m) => self.paths.bit(m).map(|b| mask | 1 << b),
+                    PathMatch::Template { .. } => None,
+                })
+            }
+            _ => None,
+        });
         CompiledRule {
             all,
             any_from,
             any_to,
             needs_http,
             required_headers,
+            path_guard,
             broken: self.broken,
         }
     }
@@ -1800,6 +1873,45 @@ spec:
         }
     }
 
+    /// Rules on many literal paths: past the table's 64 bits, rules are evaluated in full;
+    /// below, skipped on their path bits. Either way the decisions are the same.
+    #[test]
+    fn path_rules_with_and_without_table_bits() {
+        let yaml: String = (0..40)
+            .map(|i| {
+                let spec = format!(
+                    "{{ action: DENY, rules: [{{ to: [{{ operation: {{ paths: ['/d{i}', '/p{i}/*'] }} }}] }}] }}"
+                );
+                doc(&format!("d{i:02}"), &spec)
+            })
+            .collect();
+        let authz = compile(&yaml);
+        assert_eq!(authz.paths.bits, 64);
+        let guarded = authz
+            .deny
+            .iter()
+            .filter(|p| p.rules[0].path_guard.is_some())
+            .count();
+        assert_eq!(guarded, 32, "two bits per policy");
+        for i in [0, 31, 32, 39] {
+            for (path, denied) in [
+                (format!("/d{i}"), true),
+                (format!("/p{i}/x"), true),
+                (format!("/p{i}/"), true),
+                (format!("/p{i}"), false),
+                (format!("/d{i}/x"), false),
+            ] {
+                let d = authz.decide(&req().path(&path).attrs());
+                assert_eq!(!d.allowed, denied, "{path}");
+                if denied {
+                    assert_eq!(d.policy.as_deref(), Some(format!("app/d{i:02}").as_str()));
+                }
+            }
+        }
+        // On TCP the path tests drop out of a DENY rule: it denies.
+        assert!(!authz.decide(&req().tcp().attrs()).allowed);
+    }
+
     #[test]
     fn namespace_globs() {
         for (pattern, ns, want) in [
@@ -1827,6 +1939,23 @@ mod properties {
     proptest! {
         /// A CIDR holds its own network address, and an address is in its own /32 or /128
         /// but in no other single-address block.
+        #[test]
+        fn path_table_bits_are_the_matches(
+            values in proptest::collection::vec(("[ab/]{0,4}", any::<bool>()), 1..12),
+            path in "[ab/]{0,6}",
+        ) {
+            let mut table = PathTable::default();
+            let values: Vec<StrMatch> = values
+                .into_iter()
+                .map(|(v, prefix)| if prefix { StrMatch::Prefix(v) } else { StrMatch::Exact(v) })
+                .collect();
+            let bits: Vec<u8> = values.iter().map(|v| table.bit(v).unwrap()).collect();
+            let matched = table.matched(&path);
+            for (v, bit) in values.iter().zip(bits) {
+                prop_assert_eq!(matched & 1 << bit != 0, v.matches(&path), "{:?}", v);
+            }
+        }
+
         #[test]
         fn cidr_membership(a in any::<u32>(), b in any::<u32>(), len in 0u8..=32) {
             let (a4, b4) = (IpAddr::V4(a.into()), IpAddr::V4(b.into()));

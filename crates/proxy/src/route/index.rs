@@ -8,7 +8,7 @@
 //! up by length: one hash lookup per distinct prefix length in the table that fits the path.
 
 use super::Route;
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use super::matcher::Literal;
 
