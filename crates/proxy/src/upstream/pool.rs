@@ -307,6 +307,12 @@ impl EndpointConns {
 
     /// A new HTTP/1 connection (with upgrades enabled), bypassing the idle stack.
     pub async fn h1_new(self: &Arc<Self>) -> Result<H1Conn, ConnectError> {
+        // Dialing (TCP, TLS, handshake) is a large future; boxed, it is not part of every
+        // request's state machine, only allocated when a connection is made.
+        Box::pin(self.dial_h1()).await
+    }
+
+    async fn dial_h1(self: &Arc<Self>) -> Result<H1Conn, ConnectError> {
         let io = self.connect(UpstreamUse::Http1).await?;
         let (tx, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
@@ -333,6 +339,11 @@ impl EndpointConns {
         if let Some(tx) = self.live_h2() {
             return Ok(tx);
         }
+        // Boxed for the same reason as `h1_new`'s dial.
+        Box::pin(self.dial_h2()).await
+    }
+
+    async fn dial_h2(&self) -> Result<http2::SendRequest<RequestBody>, ConnectError> {
         let _dialing = self.h2_connecting.lock().await;
         if let Some(tx) = self.live_h2() {
             return Ok(tx);
