@@ -18,6 +18,7 @@ command -v curl    >/dev/null 2>&1 || apt_pkgs+=(curl)
 command -v jq      >/dev/null 2>&1 || apt_pkgs+=(jq)
 command -v ss      >/dev/null 2>&1 || apt_pkgs+=(iproute2)
 command -v ps      >/dev/null 2>&1 || apt_pkgs+=(procps)
+command -v valgrind >/dev/null 2>&1 || apt_pkgs+=(valgrind)   # bench/callgrind.sh
 if [ "${#apt_pkgs[@]}" -gt 0 ]; then
   log "apt-get install ${apt_pkgs[*]}"
   $SUDO apt-get update -qq
