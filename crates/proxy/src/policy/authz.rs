@@ -349,15 +349,18 @@ struct PathTable {
 impl PathTable {
     /// The bit of an exact or prefix value, added if new and there is room.
     fn bit(&mut self, m: &StrMatch) -> Option<u8> {
+        let full = self.bits == 64;
         let (map, value) = match m {
             StrMatch::Exact(e) => (&mut self.exact, e),
+            // A full table gets no new prefix length (each costs a lookup per request).
+            StrMatch::Prefix(p) if full => (self.prefixes.get_mut(&p.len())?, p),
             StrMatch::Prefix(p) => (self.prefixes.entry(p.len()).or_default(), p),
             StrMatch::Suffix(_) | StrMatch::Present => return None,
         };
         if let Some(bit) = map.get(value.as_bytes()) {
             return Some(*bit);
         }
-        if self.bits == 64 {
+        if full {
             return None;
         }
         let bit = self.bits;
@@ -1887,6 +1890,19 @@ spec:
             .collect();
         let authz = compile(&yaml);
         assert_eq!(authz.paths.bits, 64);
+        // A full table takes no new prefix length (it would cost every request a lookup).
+        let mut full = authz.paths.clone();
+        let lengths = full.prefixes.len();
+        assert_eq!(
+            full.bit(&StrMatch::Prefix("/a/much/longer/prefix/".into())),
+            None
+        );
+        assert_eq!(full.prefixes.len(), lengths);
+        assert_eq!(
+            full.bit(&StrMatch::Exact("/d0".into())),
+            Some(0),
+            "known values keep theirs"
+        );
         let guarded = authz
             .deny
             .iter()
