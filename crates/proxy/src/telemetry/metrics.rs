@@ -3,7 +3,7 @@
 //! Cardinality is bounded: label values are known service names (never raw hosts or paths),
 //! and every series remembers when it was last used; [`Metrics::sweep`] drops series idle
 //! longer than the retention (10 minutes by default). Hot-path handles ([`HttpStats`],
-//! [`TcpStats`]) are resolved once per destination or connection, so a request costs one
+//! [`TcpConn`]) are resolved once per destination or connection, so a request costs one
 //! small map lookup under an uncontended lock rather than hashing every label.
 
 use prometheus_client::encoding::EncodeLabelSet;

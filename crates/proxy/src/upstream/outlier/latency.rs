@@ -3,7 +3,7 @@
 //! failing one.
 //!
 //! Every answered attempt's time to the response head is recorded per endpoint (a per-try
-//! timeout counts as its elapsed time), keeping the last [`KEPT`] samples. Once per
+//! timeout counts as its elapsed time), keeping the last `KEPT` (512) samples. Once per
 //! `interval` the detector compares the p99 of each endpoint in service over the last
 //! interval: an endpoint with at least [`MIN_SAMPLES`] samples whose p99 is at least `ratio`
 //! times the median p99 of the others (and at least [`FLOOR`]: sub-10 ms spreads are noise,
