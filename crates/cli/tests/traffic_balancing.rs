@@ -65,14 +65,6 @@ async fn endpoints(proxy: &Trellis, service: &str) -> Vec<String> {
         .collect()
 }
 
-/// Applies `yaml` with `trellis apply -f`.
-fn apply(control: &Control, dir: &TempDir, name: &str, yaml: &str) {
-    let file = dir.path().join(name);
-    std::fs::write(&file, yaml).unwrap();
-    let (code, o, e) = control.cli(&["apply", "-f", file.to_str().unwrap()]);
-    assert_eq!(code, Some(0), "{o}{e}");
-}
-
 /// Waits until `frontend` runs a config that contains `needle` and has `n` user-profile
 /// endpoints.
 async fn configured(frontend: &Trellis, needle: &str, n: usize) {

@@ -60,10 +60,7 @@ async fn mirrors_get_copies_and_never_affect_the_client() {
     let (frontend, out) = joined_edtech(&control, "frontend", front_app.addr()).await;
 
     let dir = TempDir::new("mirror");
-    let file = dir.path().join("rules.yaml");
-    std::fs::write(&file, RULES).unwrap();
-    let (code, o, e) = control.cli(&["apply", "-f", file.to_str().unwrap()]);
-    assert_eq!(code, Some(0), "{o}{e}");
+    apply(&control, &dir, "rules.yaml", RULES);
     eventually(
         Duration::from_secs(5),
         "the routes and their mirrors reach the frontend",

@@ -92,10 +92,7 @@ async fn virtual_services_route_split_rewrite_and_fail_as_configured() {
         joined_edtech(&control, "frontend", front_app.addr(), &["app=frontend"]).await;
 
     let dir = TempDir::new("routing");
-    let file = dir.path().join("rules.yaml");
-    std::fs::write(&file, RULES).unwrap();
-    let (code, o, e) = control.cli(&["apply", "-f", file.to_str().unwrap()]);
-    assert_eq!(code, Some(0), "{o}{e}");
+    apply(&control, &dir, "rules.yaml", RULES);
     eventually(
         Duration::from_secs(5),
         "routes and both endpoints reach the frontend",
@@ -227,17 +224,11 @@ async fn virtual_services_route_split_rewrite_and_fail_as_configured() {
 
     // A route setting this proxy does not enforce yet is refused by name (NACK), never
     // silently ignored; the running routes stay.
-    let file = dir.path().join("keepalive.yaml");
-    std::fs::write(
-        &file,
-        RULES.replace(
-            "  host: user-profile\n  subsets:\n",
-            "  host: user-profile\n  trafficPolicy: { connectionPool: { tcp: { tcpKeepalive: { time: 10s } } } }\n  subsets:\n",
-        ),
-    )
-    .unwrap();
-    let (code, o, e) = control.cli(&["apply", "-f", file.to_str().unwrap()]);
-    assert_eq!(code, Some(0), "{o}{e}");
+    let keepalive = RULES.replace(
+        "  host: user-profile\n  subsets:\n",
+        "  host: user-profile\n  trafficPolicy: { connectionPool: { tcp: { tcpKeepalive: { time: 10s } } } }\n  subsets:\n",
+    );
+    apply(&control, &dir, "keepalive.yaml", &keepalive);
     eventually(Duration::from_secs(3), "the frontend NACKs", || async {
         let (_, out, _) = control.cli(&["status", "-o", "json"]);
         let st: Value = serde_json::from_str(&out).ok()?;
@@ -395,10 +386,7 @@ async fn http_routes_applied_to_the_control_plane_route_the_mesh() {
     let (frontend, out) = joined_edtech(&control, "frontend", front_app.addr(), &[]).await;
 
     let dir = TempDir::new("gamma");
-    let file = dir.path().join("route.yaml");
-    std::fs::write(&file, GAMMA_ROUTE).unwrap();
-    let (code, o, e) = control.cli(&["apply", "-f", file.to_str().unwrap()]);
-    assert_eq!(code, Some(0), "{o}{e}");
+    apply(&control, &dir, "route.yaml", GAMMA_ROUTE);
     eventually(
         Duration::from_secs(5),
         "the route reaches the frontend",

@@ -179,3 +179,16 @@ pub fn route_names(host: &serde_json::Value) -> Vec<String> {
         .map(|r| r["name"].as_str().expect("route name").to_string())
         .collect()
 }
+
+/// Applies `yaml` (written to `dir/name`) with `trellis apply -f`, which must succeed.
+pub fn apply(
+    control: &trellis_testkit::proxy::Control,
+    dir: &trellis_testkit::proxy::TempDir,
+    name: &str,
+    yaml: &str,
+) {
+    let file = dir.path().join(name);
+    std::fs::write(&file, yaml).unwrap();
+    let (code, o, e) = control.cli(&["apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{o}{e}");
+}
