@@ -78,13 +78,9 @@ impl ClientConn {
     pub fn principal(&self) -> Option<&str> {
         self.principal
             .get_or_init(|| {
-                self.identity.as_ref().map(|id| {
-                    format!(
-                        "{}/ns/{}/sa/{}",
-                        id.trust_domain, id.namespace, id.service_account
-                    )
-                    .into_boxed_str()
-                })
+                self.identity
+                    .as_ref()
+                    .map(|id| id.principal().into_boxed_str())
             })
             .as_deref()
     }

@@ -272,8 +272,9 @@ impl Authz {
     }
 
     /// The policy at `slot` (`namespace/name`) and the action label its decisions carry
-    /// (`deny`, `allow`, `audit`).
-    pub fn policy<'a>(&'a self, slot: usize) -> Option<(&'static str, &'a Arc<str>)> {
+    /// (`deny`, `allow`, `audit`); the tests' way to check a decision's slot.
+    #[cfg(test)]
+    fn policy<'a>(&'a self, slot: usize) -> Option<(&'static str, &'a Arc<str>)> {
         let labelled =
             |action: &'static str, list: &'a [Policy]| list.iter().map(move |p| (action, p));
         labelled("deny", &self.deny)
